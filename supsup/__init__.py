@@ -1,0 +1,1 @@
+"""Supermasks in Superposition (SupSup): pure compute, no I/O."""
