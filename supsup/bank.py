@@ -236,6 +236,18 @@ class MaskBank:
         return kept / sum(self._numel(k) for k in self.layer_shapes)
 
     # ----------------------------------------------------------------------- superposition
+    def _is_every_row(self, rows: torch.Tensor, any_order: bool) -> bool:
+        """Whether `rows` lists every row once (in bank order unless `any_order`).
+
+        The count and unindexed paths are only valid then: a repeated row must count twice and a
+        reordered one must put its gradient at its own position.
+        """
+        if rows.numel() != self.num_tasks:
+            return False
+        if any_order:
+            return int(torch.unique(rows).numel()) == self.num_tasks
+        return torch.equal(rows.to(self.device), torch.arange(self.num_tasks, device=self.device))
+
     def mixture(self, key: str, rows: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
         """sum_i alphas_i M_{rows_i} for one layer, shape of the weight; no autograd.
 
@@ -244,7 +256,7 @@ class MaskBank:
         """
         n = self._numel(key)
         alphas = alphas.detach().to(self.device, torch.float32)
-        if rows.numel() == self.num_tasks and bool((alphas == alphas[0]).all()):
+        if self._is_every_row(rows, any_order=True) and bool((alphas == alphas[0]).all()):
             return (self._counts[key].to(torch.float32) * alphas[0]).reshape(self.layer_shapes[key])
         out = torch.zeros(n, device=self.device)
         packed = self.packed(key)
@@ -263,13 +275,15 @@ class MaskBank:
         """
         n = self._numel(key)
         nbytes = packed_size(n)
+        if grad.dim() == 2 and grad.shape[1] == n:
+            return self._alpha_gradient_batched(key, rows, grad)
         g = grad.detach().reshape(-1).to(self.device, torch.float32)
         if g.numel() != n:
             raise ValueError(f"gradient for layer {key!r} has {g.numel()} values, expected {n}")
         g = torch.nn.functional.pad(g, (0, nbytes * 8 - n)).reshape(nbytes, 8)
         table_bits = _BYTE_BITS.to(self.device)
         packed = self.packed(key)
-        if rows.numel() != self.num_tasks:
+        if not self._is_every_row(rows, any_order=False):  # a subset, a reordering or repeats
             packed = packed[rows]
         k = packed.shape[0]
         out = torch.zeros(k, device=self.device)
@@ -282,6 +296,24 @@ class MaskBank:
             out += table.reshape(-1)[idx].sum(1)
         return out
 
+    def _alpha_gradient_batched(
+        self, key: str, rows: torch.Tensor, grad: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, n) gradients -> (B, len(rows)): unpack blocks of tasks and use one matmul each.
+
+        With many examples a real matrix product beats B table builds; blocks keep the unpacked
+        floats small.
+        """
+        n = self._numel(key)
+        g = grad.detach().to(self.device, torch.float32)
+        packed = self.packed(key)[rows]
+        out = torch.empty(g.shape[0], packed.shape[0], device=self.device)
+        step = max(1, _BLOCK_ELEMENTS // max(1, n))
+        for start in range(0, packed.shape[0], step):
+            bits = unpack_bits(packed[start:start + step], n)  # (step, n)
+            out[:, start:start + step] = g @ bits.T
+        return out
+
     # -------------------------------------------------------------------------- utilities
     def to(self, device: torch.device | str) -> MaskBank:
         """Move every tensor to `device` in place; returns self."""
@@ -292,7 +324,7 @@ class MaskBank:
         return self
 
     def subset(self, task_ids: Sequence[int]) -> MaskBank:
-        """A new bank holding only `task_ids` (e.g. the first t tasks, to replay the paper's curve)."""
+        """A new bank of only `task_ids` (e.g. the first t tasks, to replay the paper's curve)."""
         out = MaskBank(self.layer_shapes, self.bn_features, self.device)
         for t in task_ids:
             r = self.row(t)

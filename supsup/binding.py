@@ -145,6 +145,9 @@ class _ScoresBinding:
     def mask(self, layer: MaskedLayer) -> torch.Tensor:
         return self.scores.mask(layer.key)
 
+    def effective_weight(self, layer: MaskedLayer) -> torch.Tensor:
+        return self.scores.effective_weight(layer.key, layer.weight)
+
     def bn_stats(self, layer: TaskBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scores.bn_stats(layer.key)
 

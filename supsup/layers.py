@@ -40,7 +40,7 @@ def signed_constant(
 def kaiming_uniform_scores(
     shape: tuple[int, ...], fan_in: int, g: torch.Generator
 ) -> torch.Tensor:
-    """Initial scores U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the threshold rule starts at density 1/2."""
+    """Scores U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the threshold rule starts at density 1/2."""
     bound = 1.0 / math.sqrt(fan_in)
     return (torch.rand(shape, generator=g) * 2 - 1) * bound
 
@@ -54,8 +54,8 @@ class _Bound(nn.Module):
     def _require_binding(self) -> Binding:
         if self._binding is None:
             raise RuntimeError(
-                f"layer {self.key or type(self).__name__} has no task bound; run the network inside "
-                "`use_task(...)`, `use_alphas(...)` or `use_scores(...)`"
+                f"layer {self.key or type(self).__name__} has no task bound; run the network "
+                "inside `use_task(...)`, `use_alphas(...)` or `use_scores(...)`"
             )
         return self._binding
 
@@ -86,8 +86,11 @@ class MaskedLayer(_Bound):
 
     def effective_weight(self) -> torch.Tensor:
         """W * M for the bound task(s): (*shape) or (G, *shape)."""
-        mask = self._require_binding().mask(self)
-        return self.weight * mask
+        binding = self._require_binding()
+        fused = getattr(binding, "effective_weight", None)
+        if fused is not None:  # bindings that can build W * M in one pass (training)
+            return fused(self)
+        return self.weight * binding.mask(self)
 
 
 class MaskedLinear(MaskedLayer):
@@ -182,7 +185,8 @@ class TaskBatchNorm2d(_Bound):
 
 
 class InputFlatten(nn.Module):
-    """Flatten the trailing `data_dims` dims: (B, C, H, W) -> (B, CHW), (G, B, C, H, W) -> (G, B, CHW)."""
+    """Flatten the trailing `data_dims` dims, so (B, C, H, W) -> (B, CHW) and
+    (G, B, C, H, W) -> (G, B, CHW) share one module."""
 
     def __init__(self, data_dims: int = 3) -> None:
         super().__init__()

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from supsup.layers import kaiming_uniform_scores
-from supsup.masks import RULES, apply_rule, check_density, erdos_renyi_densities, topk_hard
+from supsup.masks import (
+    RULES,
+    apply_rule,
+    check_density,
+    erdos_renyi_densities,
+    threshold_weight,
+    topk_hard,
+)
 from supsup.networks import SupermaskNet
 from supsup.seeding import generator
 
@@ -92,6 +99,12 @@ class TaskScores(nn.Module):
         """(G, *shape) binary masks of one layer with straight-through gradients."""
         s = self.scores[_param_name(key)]
         return apply_rule(s, self.rule, self.densities.get(key), group_dims=1)
+
+    def effective_weight(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """(G, *shape) W * M with straight-through gradients to the scores."""
+        if self.rule == "threshold":
+            return threshold_weight(self.scores[_param_name(key)], weight)
+        return weight * self.mask(key)
 
     def hard_mask(self, key: str) -> torch.Tensor:
         """(G, *shape) binary masks of one layer, detached."""

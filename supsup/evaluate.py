@@ -1,0 +1,137 @@
+"""Accuracy with the task given (GG) and with the task inferred (GN), per task.
+
+GN is counted two ways (Section 3.3): the paper's, where a batch whose task is inferred wrongly
+counts as entirely wrong, and per example, where each prediction made with the inferred mask is
+scored as it is. Task-inference accuracy is the fraction of inferences that named the right task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from supsup.bank import MaskBank
+from supsup.binding import use_task
+from supsup.inference import infer_task
+from supsup.networks import SupermaskNet
+from supsup.tasks import TaskSet
+
+
+@dataclass(frozen=True)
+class TaskEvaluation:
+    """Test-set results of one task; GN fields are None when GN was not evaluated."""
+
+    task_id: int
+    examples: int
+    accuracy_gg: float
+    accuracy_gn: float | None = None  # the paper's count: wrong task, whole batch wrong
+    accuracy_gn_per_example: float | None = None
+    task_inference_accuracy: float | None = None
+    inferences: int = 0
+    inferred: dict[int, int] | None = None  # inferred task -> count, for confusion summaries
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _predict(net: SupermaskNet, bank: MaskBank, task_id: int, x: torch.Tensor,
+             num_classes: int) -> torch.Tensor:
+    device = next(iter(net.masked_layers().values())).weight.device
+    with use_task(net, bank, task_id), torch.no_grad():
+        return net(x.to(device))[:, :num_classes].argmax(-1).cpu()
+
+
+def evaluate_task(
+    net: SupermaskNet,
+    bank: MaskBank,
+    tasks: TaskSet,
+    task_id: int,
+    *,
+    gn: bool = True,
+    batch_size: int = 128,
+    method: str = "one_shot",
+    objective: str = "entropy",
+    mode: str = "one_image",
+    split: str = "test",
+    candidates: Sequence[int] | None = None,
+) -> TaskEvaluation:
+    """Evaluate one learned task on its `split`; GN infers among `candidates` (default: all)."""
+    bank.row(task_id)
+    net.eval()
+    n = correct_gg = correct_gn = correct_ex = right_task = inferences = 0
+    inferred: dict[int, int] = {}
+    for x, y in tasks.eval_batches(task_id, split, batch_size):
+        pred = _predict(net, bank, task_id, x, tasks.num_classes)
+        correct_gg += int((pred == y).sum())
+        n += y.numel()
+        if not gn:
+            continue
+        result = infer_task(net, bank, x, method=method, objective=objective, mode=mode,
+                            task_ids=candidates)
+        chosen = result.task_ids
+        gn_pred = torch.empty_like(y)
+        for t in chosen.unique().tolist():
+            sel = chosen == t
+            gn_pred[sel] = pred[sel] if t == task_id else _predict(
+                net, bank, t, x[sel], tasks.num_classes)
+        hit = gn_pred == y
+        correct_ex += int(hit.sum())
+        if mode == "per_example":
+            ok = chosen == task_id
+            correct_gn += int((hit & ok).sum())
+            right_task += int(ok.sum())
+            inferences += y.numel()
+            for t, c in zip(*chosen.unique(return_counts=True)):
+                inferred[int(t)] = inferred.get(int(t), 0) + int(c)
+        else:
+            ok = int(chosen[0]) == task_id
+            correct_gn += int(hit.sum()) if ok else 0
+            right_task += int(ok)
+            inferences += 1
+            inferred[int(chosen[0])] = inferred.get(int(chosen[0]), 0) + 1
+    if n == 0:
+        raise ValueError(f"task {task_id} has no {split} examples to evaluate")
+    if not gn:
+        return TaskEvaluation(task_id, n, correct_gg / n)
+    return TaskEvaluation(
+        task_id, n, correct_gg / n, correct_gn / n, correct_ex / n,
+        right_task / inferences, inferences, inferred,
+    )
+
+
+def evaluate_tasks(
+    net: SupermaskNet,
+    bank: MaskBank,
+    tasks: TaskSet,
+    task_ids: Sequence[int] | None = None,
+    *,
+    callback: Callable[[TaskEvaluation], None] | None = None,
+    **options: object,
+) -> list[TaskEvaluation]:
+    """`evaluate_task` for each of `task_ids` (default: every task in the bank)."""
+    out = []
+    for t in task_ids if task_ids is not None else bank.task_ids:
+        result = evaluate_task(net, bank, tasks, t, **options)  # type: ignore[arg-type]
+        out.append(result)
+        if callback is not None:
+            callback(result)
+    return out
+
+
+def summarize(results: Sequence[TaskEvaluation]) -> dict[str, float]:
+    """Example-weighted means over tasks of every metric present."""
+    if not results:
+        raise ValueError("no task results to summarise")
+    total = sum(r.examples for r in results)
+    out = {"tasks": float(len(results)), "examples": float(total),
+           "accuracy_gg": sum(r.accuracy_gg * r.examples for r in results) / total}
+    if all(r.accuracy_gn is not None for r in results):
+        out["accuracy_gn"] = sum(r.accuracy_gn * r.examples for r in results) / total
+        out["accuracy_gn_per_example"] = sum(
+            r.accuracy_gn_per_example * r.examples for r in results) / total
+        inf = sum(r.inferences for r in results)
+        out["task_inference_accuracy"] = sum(
+            r.task_inference_accuracy * r.inferences for r in results) / inf
+    return out

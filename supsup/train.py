@@ -1,0 +1,233 @@
+"""Learning supermasks: one task, or a group of tasks vectorised in one process.
+
+Only scores are optimised; the base weights never receive a gradient (Section 3.1). A group of G
+tasks shares the frozen weights and trains G score tensors with batched matmuls. The group loss is
+the *sum* of each task's mean cross-entropy and every optimiser here acts elementwise, so each task
+follows exactly the updates it would get alone: group composition never changes a task's mask.
+Progress goes to a callback; the library never prints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from supsup.bank import MaskBank
+from supsup.binding import use_scores
+from supsup.masks import RULES, check_density
+from supsup.networks import SupermaskNet
+from supsup.scores import TaskScores
+from supsup.tasks import TaskSet
+
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one task's mask is learned. The defaults are the paper's PermutedMNIST protocol."""
+
+    steps: int = 1000
+    epochs: float | None = None  # when set, overrides steps: epochs * train size / batch_size
+    batch_size: int = 128
+    optimizer: str = "rmsprop"
+    lr: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    rule: str = "threshold"
+    density: float | None = None  # topk rule
+    erdos_renyi_scale: float | None = None  # topk rule with per-layer ER densities
+    seed: int = 0  # batch order
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown mask rule {self.rule!r}; choose one of {RULES}")
+        if self.rule == "topk" and self.erdos_renyi_scale is None:
+            if self.density is None:
+                raise ValueError("the topk rule needs density in (0, 1] or erdos_renyi_scale")
+            check_density(self.density)
+        if self.density is not None:
+            check_density(self.density)
+        if self.steps < 0 or (self.epochs is not None and self.epochs <= 0):
+            raise ValueError(f"steps must be >= 0 and epochs > 0, got {self.steps}, {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def num_steps(self, train_size: int) -> int:
+        if self.epochs is None:
+            return self.steps
+        return max(1, int(math.ceil(self.epochs * train_size / self.batch_size)))
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """Reported to the callback every `log_every` steps and at the end."""
+
+    task_ids: list[int]
+    step: int
+    steps: int
+    loss: list[float]  # per task, mean over the window
+    accuracy: list[float]  # per task, training accuracy over the window
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """Learned masks (0/1 per layer) and BN statistics ((2, C) per layer) for each task."""
+
+    task_ids: list[int]
+    masks: dict[int, dict[str, torch.Tensor]]
+    bn_stats: dict[int, dict[str, torch.Tensor]]
+    loss: dict[int, float]
+    accuracy: dict[int, float]
+    density: dict[int, float]
+    steps: int
+    seconds: float
+    history: list[TrainProgress] = field(default_factory=list)
+
+
+def _optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def _lr_factor(step: int, steps: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        span = max(1, steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * (step - config.warmup_steps) / span))
+    return 1.0
+
+
+def train_group(
+    net: SupermaskNet,
+    tasks: TaskSet,
+    task_ids: Sequence[int],
+    config: TrainConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    callback: Callable[[TrainProgress], None] | None = None,
+    scores: TaskScores | None = None,
+) -> TrainResult:
+    """Learn the masks of `task_ids` together; returns binary masks on the CPU.
+
+    `scores` may carry on from earlier training; by default fresh scores are drawn per task.
+    """
+    config = config or TrainConfig()
+    task_ids = [tasks.check_task(t) for t in task_ids]
+    if tuple(net.spec.input_shape) != tasks.input_shape:
+        raise ValueError(f"network {net.spec.name!r} expects inputs {net.spec.input_shape}, "
+                         f"the tasks have {tasks.input_shape}")
+    if tasks.num_classes > net.spec.num_outputs:
+        raise ValueError(f"the tasks have {tasks.num_classes} classes but the network only "
+                         f"{net.spec.num_outputs} outputs")
+    device = torch.device(device) if device is not None else _net_device(net)
+    net.to(device)
+    if scores is None:
+        scores = TaskScores(net, task_ids, rule=config.rule, density=config.density,
+                            erdos_renyi_scale=config.erdos_renyi_scale)
+    elif scores.task_ids != task_ids:
+        raise ValueError(f"scores hold tasks {scores.task_ids}, asked to train {task_ids}")
+    scores.to(device)
+    params = list(scores.parameters())
+    opt = _optimizer(params, config)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    steps = config.num_steps(min(tasks.size(t, "train") for t in task_ids))
+    window_loss = torch.zeros(len(task_ids), device=device)
+    window_correct = torch.zeros(len(task_ids), device=device)
+    window_n = 0
+    history: list[TrainProgress] = []
+    start = time.perf_counter()
+    net.train()
+    last: TrainProgress | None = None
+    batches = tasks.train_batches(task_ids, config.batch_size, steps, seed=config.seed)
+    with use_scores(net, scores):
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            factor = _lr_factor(step, steps, config)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * factor
+            logits = net(x)  # (G, B, outputs)
+            per_task = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), reduction="none"
+            ).view(y.shape).mean(1)  # (G,)
+            opt.zero_grad(set_to_none=True)
+            per_task.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                window_loss += per_task.detach()
+                window_correct += (logits[..., : tasks.num_classes].argmax(-1) == y).float().mean(1)
+                window_n += 1
+            if (step + 1) % config.log_every == 0 or step + 1 == steps:
+                last = TrainProgress(
+                    task_ids, step + 1, steps, (window_loss / window_n).tolist(),
+                    (window_correct / window_n).tolist(), time.perf_counter() - start,
+                )
+                history.append(last)
+                window_loss.zero_()
+                window_correct.zero_()
+                window_n = 0
+                if callback is not None:
+                    callback(last)
+    exported = scores.export()
+    densities = scores.densities_per_task()
+    return TrainResult(
+        task_ids=task_ids,
+        masks={t: m for t, (m, _) in exported.items()},
+        bn_stats={t: s for t, (_, s) in exported.items()},
+        loss={t: (last.loss[i] if last else float("nan")) for i, t in enumerate(task_ids)},
+        accuracy={t: (last.accuracy[i] if last else float("nan")) for i, t in enumerate(task_ids)},
+        density=dict(zip(task_ids, densities)),
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
+
+
+def train_task(
+    net: SupermaskNet,
+    tasks: TaskSet,
+    task_id: int,
+    config: TrainConfig | None = None,
+    **kwargs: object,
+) -> TrainResult:
+    """Learn one task's mask (a group of one)."""
+    return train_group(net, tasks, [task_id], config, **kwargs)  # type: ignore[arg-type]
+
+
+def add_to_bank(bank: MaskBank, result: TrainResult) -> None:
+    """Put every task of `result` into a MaskBank."""
+    for t in result.task_ids:
+        bank.add(t, result.masks[t], result.bn_stats[t] or None)
+
+
+def _net_device(net: SupermaskNet) -> torch.device:
+    return next(iter(net.masked_layers().values())).weight.device
+
+
+def config_from_mapping(values: Mapping[str, object]) -> TrainConfig:
+    """TrainConfig from a plain mapping; unknown keys are an error naming them."""
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
+    return TrainConfig(**values)  # type: ignore[arg-type]
