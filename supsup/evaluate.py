@@ -56,13 +56,20 @@ def evaluate_task(
     mode: str = "one_image",
     split: str = "test",
     candidates: Sequence[int] | None = None,
+    max_batches: int | None = None,
 ) -> TaskEvaluation:
-    """Evaluate one learned task on its `split`; GN infers among `candidates` (default: all)."""
+    """Evaluate one learned task on its `split`; GN infers among `candidates` (default: all).
+
+    `max_batches` caps the test batches per task: each GN inference over thousands of tasks
+    costs a backward pass, so large banks are evaluated on a fixed prefix of each test set.
+    """
     bank.row(task_id)
     net.eval()
     n = correct_gg = correct_gn = correct_ex = right_task = inferences = 0
     inferred: dict[int, int] = {}
-    for x, y in tasks.eval_batches(task_id, split, batch_size):
+    for i, (x, y) in enumerate(tasks.eval_batches(task_id, split, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
         pred = _predict(net, bank, task_id, x, tasks.num_classes)
         correct_gg += int((pred == y).sum())
         n += y.numel()

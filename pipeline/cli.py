@@ -1,0 +1,338 @@
+"""`supsup` command line: train, evaluate, run (both), lookup, registry.
+
+The only place that configures logging handlers and draws progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("supsup")
+
+
+class _Bar:
+    """A tqdm bar over tasks showing tasks per hour and time left."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, desc=desc, unit="task", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5, disable=None)
+        self.start = time.perf_counter()
+        self.first: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.first is None:
+            self.first = done
+        self.bar.total = total
+        self.bar.n = done
+        elapsed = time.perf_counter() - self.start
+        new = done - self.first
+        if new > 0 and elapsed > 0:
+            rate = 3600 * new / elapsed
+            self.bar.set_postfix_str(f"{rate:,.0f} tasks/h")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def _tracker(config: Any) -> Any:
+    from pipeline.tracking import Tracker
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    return Tracker(config.tracking_uri, config.experiment_name)
+
+
+def do_train(config: Any, address: str | None, tracker: Any) -> Any:
+    """Train into the registry, log to MLflow, register the bank; returns the TrainSummary."""
+    from pipeline.config import dump_config
+    from pipeline.registry import MaskRegistry
+    from pipeline.report import plot_training
+    from pipeline.train_job import run_training
+
+    with tracker.run("train", tags={"job": "train", "bank": config.bank}) as run_id:
+        tracker.log_params(config.flat_params())
+        tracker.log_text(dump_config(config), "config.yaml")
+        bar = _Bar(f"train {config.bank}")
+
+        def on_task(r: dict[str, Any]) -> None:
+            tracker.log_task_metrics(r["task_id"], {
+                k: float(r[k]) for k in ("train_accuracy", "train_loss", "density", "seconds")})
+
+        try:
+            summary = run_training(config, progress=bar, on_task=on_task, address=address)
+        finally:
+            bar.close()
+        summary.run_id = run_id
+        if summary.trained:
+            accs = [m["train_accuracy"] for m in summary.trained.values()]
+            tracker.log_metrics({
+                "tasks_trained": len(summary.trained), "tasks_skipped": len(summary.skipped),
+                "train_accuracy_mean": sum(accs) / len(accs),
+                "tasks_per_hour": summary.tasks_per_hour, "train_seconds": summary.seconds,
+            })
+            path = plot_training(summary.trained, config.run_dir / "training.png")
+            if path:
+                tracker.log_artifact(path)
+        registry = MaskRegistry(config.registry.root)
+        stored = registry.tasks(config.bank)
+        if config.tracking.register and stored:
+            summary.model_version = _register(config, tracker, run_id, registry)
+    log.info("trained %d new tasks (%d already stored) in %.1f s: %.0f tasks/h",
+             len(summary.trained), len(summary.skipped), summary.seconds, summary.tasks_per_hour)
+    return summary
+
+
+def _register(config: Any, tracker: Any, run_id: str, registry: Any) -> int:
+    snapshot = registry.snapshot(config.bank)
+    manifest = registry.manifest(config.bank)
+    embed = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = registry.export(config.bank, Path(tmp) / f"{config.bank}.parquet")
+        if path.stat().st_size <= config.tracking.embed_masks_max_bytes:
+            embed = path
+        e = config.evaluate
+        version = tracker.register_bank(
+            run_id, config.model_name, network_spec=manifest["network"],
+            registry_root=str(Path(config.registry.root).resolve())
+            if "://" not in config.registry.root else config.registry.root,
+            bank=config.bank, snapshot=snapshot, embed_file=embed,
+            inference_defaults={"method": e.method, "objective": e.objective,
+                                "mode": e.mode},
+            aliases=[config.tracking.alias], tags={"experiment": config.name},
+        )
+    log.info("registered models:/%s@%s (version %s, %d tasks)", config.model_name,
+             config.tracking.alias, version, snapshot["tasks"])
+    return version
+
+
+def do_evaluate(config: Any, source: dict[str, Any], address: str | None, tracker: Any,
+                tags: dict[str, str] | None = None) -> Any:
+    from pipeline.eval_job import run_evaluation
+    from pipeline.report import write_report
+
+    with tracker.run("evaluate", tags={"job": "evaluate", "bank": source["bank"],
+                                       **(tags or {})}) as run_id:
+        tracker.log_params({f"evaluate.{k}": str(v)
+                            for k, v in config.evaluate.model_dump().items()})
+        bar = _Bar(f"evaluate {source['bank']}")
+        try:
+            report = run_evaluation(config, source, progress=bar, address=address)
+        finally:
+            bar.close()
+        for r in report.tasks:
+            tracker.log_task_metrics(r["task_id"], {
+                k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
+                if r.get(k) is not None})
+        tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
+        for c in report.curve:
+            tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
+                                 "curve_task_inference_accuracy": c["task_inference_accuracy"]},
+                                step=int(c["tasks_learned"]))
+        out_dir = config.run_dir / "evaluation"
+        files = write_report(report, out_dir, f"{config.name}: evaluation")
+        for path in files.values():
+            tracker.log_artifact(path, "evaluation")
+        report.settings["run_id"] = run_id
+    return report, files
+
+
+def _print_eval(report: Any, files: dict[str, Path]) -> None:
+    s = report.summary
+    print(f"GG accuracy {100 * s['accuracy_gg']:.2f}%", end="")
+    if "accuracy_gn" in s:
+        print(f" | GN accuracy {100 * s['accuracy_gn']:.2f}% | task inference "
+              f"{100 * s['task_inference_accuracy']:.2f}%", end="")
+    print(f" over {int(s['tasks'])} tasks")
+    print(f"report: {files['markdown']}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _load(args)
+    summary = do_train(config, args.address, _tracker(config))
+    _where(config, summary.model_version)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    tracker = _tracker(config)
+    summary = do_train(config, args.address, tracker)
+    source = {"root": config.registry.root, "bank": config.bank}
+    report, files = do_evaluate(config, source, args.address, tracker)
+    _print_eval(report, files)
+    _where(config, summary.model_version)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import parse_config
+
+    target = args.target
+    if target.startswith("models:/"):
+        from pipeline.tracking import lookup, run_config_text
+
+        uri = _tracking_uri(args)
+        info = lookup(target, uri)
+        if args.config:
+            config = _load(args)
+        else:
+            import yaml
+
+            config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
+                                  f"{target} (config.yaml of run {info['run_id']})", args.set)
+        source = {"root": info["registry_root"], "bank": info["bank"]}
+        tags = {"model_uri": target, "model_version": str(info["version"])}
+    else:
+        args.config = target
+        config = _load(args)
+        source = {"root": config.registry.root, "bank": config.bank}
+        tags = {}
+    report, files = do_evaluate(config, source, args.address, _tracker(config), tags)
+    _print_eval(report, files)
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    import os
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    if getattr(args, "config", None):
+        return _load(args).tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise SystemExit("error: pass --tracking-uri URI (or --config CONFIG, or set "
+                     "MLFLOW_TRACKING_URI) so the model registry can be found")
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from pipeline.tracking import lookup
+
+    info = lookup(args.model_uri, _tracking_uri(args))
+    if args.task is not None:
+        from pipeline.registry import MaskRegistry
+
+        registry = MaskRegistry(info["registry_root"])
+        record = registry.read_task(info["bank"], args.task)
+        info = {"model": args.model_uri, "version": info["version"], "task_id": args.task,
+                "densities": record.densities, "metadata": record.metadata}
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from pipeline.registry import MaskRegistry
+
+    registry = MaskRegistry(args.root)
+    if args.action == "ls":
+        banks = [args.bank] if args.bank else registry.banks()
+        if not banks:
+            print(f"no banks under {args.root}")
+        for b in banks:
+            m = registry.manifest(b)
+            ids = registry.tasks(b)
+            span = f"{ids[0]}..{ids[-1]}" if ids else "-"
+            print(f"{b}: {len(ids)} tasks ({span}), network {m['network']['name']} "
+                  f"seed {m['network']['seed']}, rule {m['mask'].get('rule')}")
+        return 0
+    if not args.bank:
+        raise SystemExit(f"error: `supsup registry {args.action}` needs a BANK")
+    if args.action == "verify":
+        report = registry.verify(args.bank)
+        print(f"{args.bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems")
+        for t, msg in sorted(report.problems.items()):
+            print(f"  task {t}: {msg}")
+        for stray in report.stray:
+            print(f"  stray temporary file: {stray}")
+        return 0 if not report.problems else 1
+    if args.action == "export":
+        if not args.dest:
+            raise SystemExit("error: `supsup registry export BANK --dest FILE.parquet`")
+        path = registry.export(args.bank, Path(args.dest))
+        print(f"exported {args.bank} to {path}")
+        return 0
+    raise SystemExit(f"error: unknown registry action {args.action!r}")
+
+
+def _where(config: Any, version: int | None) -> None:
+    print(f"run folder: {config.run_dir}")
+    print(f"mask registry: {config.registry.root} (bank {config.bank})")
+    print(f"MLflow: {config.tracking_uri} (experiment {config.experiment_name}); "
+          f"browse with `mlflow ui --backend-store-uri {config.tracking_uri}`")
+    if version is not None:
+        print(f"model: models:/{config.model_name}@{config.tracking.alias} (version {version}); "
+              f"`supsup lookup models:/{config.model_name}@{config.tracking.alias} "
+              f"--tracking-uri {config.tracking_uri}`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supsup", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+        sp.add_argument("--address", help="join the Ray cluster at ADDRESS instead of a local one")
+
+    t = sub.add_parser("train", help="train every task's mask into the registry; register it")
+    t.add_argument("config")
+    common(t)
+    t.set_defaults(fn=cmd_train)
+    r = sub.add_parser("run", help="train, register and evaluate end to end")
+    r.add_argument("config")
+    common(r)
+    r.set_defaults(fn=cmd_run)
+    e = sub.add_parser("evaluate", help="task inference on a bank: CONFIG or models:/NAME@ALIAS")
+    e.add_argument("target")
+    e.add_argument("--config", help="config for the data when TARGET is a model URI")
+    e.add_argument("--tracking-uri")
+    common(e)
+    e.set_defaults(fn=cmd_evaluate)
+    lk = sub.add_parser("lookup", help="what a registered model holds")
+    lk.add_argument("model_uri")
+    lk.add_argument("--task", type=int)
+    lk.add_argument("--tracking-uri")
+    lk.add_argument("--config")
+    lk.set_defaults(fn=cmd_lookup, set=None)
+    g = sub.add_parser("registry", help="inspect the mask registry: ls, verify, export")
+    g.add_argument("action", choices=["ls", "verify", "export"])
+    g.add_argument("bank", nargs="?")
+    g.add_argument("--root", default="runs/registry")
+    g.add_argument("--dest")
+    g.set_defaults(fn=cmd_registry)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("mlflow", "alembic", "urllib3", "ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

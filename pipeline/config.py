@@ -1,0 +1,266 @@
+"""Experiment configuration: YAML -> a validated, frozen config.
+
+Every section is a pydantic model with extra="forbid", so an unknown key or a bad value is an
+error that names the key path and the file. Dotted overrides (`--set train.lr=0.01`) are applied to
+the raw YAML before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from supsup.networks import NETWORKS, NetworkSpec
+from supsup.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSection(_Section):
+    name: str = "lenet"
+    num_outputs: int = Field(100, ge=1)
+    num_classes: int | None = Field(None, ge=1)  # default: the task family's labels per task
+    hidden: list[int] = Field(default_factory=list)
+    width: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in NETWORKS:
+            raise ValueError(f"unknown network {v!r}; choose one of {sorted(NETWORKS)}")
+        return v
+
+
+class DataSection(_Section):
+    dataset: str = "mnist-bundled"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class TasksSection(_Section):
+    family: Literal["permuted", "rotated", "split"] = "permuted"
+    num_tasks: int = Field(10, ge=1)
+    degrees: float = 10.0
+    classes_per_task: int = Field(2, ge=1)
+
+
+class TrainSection(_Section):
+    steps: int = Field(1000, ge=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    rule: Literal["threshold", "topk"] = "threshold"
+    density: float | None = None
+    erdos_renyi_scale: float | None = Field(None, gt=0)
+    log_every: int = Field(100, ge=1)
+    group_size: int = Field(10, ge=1)  # tasks trained together by one worker
+    max_in_flight: int | None = Field(None, ge=1)  # groups at once; default: worker slots
+    max_retries: int = Field(2, ge=0)  # per group, when a worker dies
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _topk_needs_density(self) -> TrainSection:
+        if self.rule == "topk" and self.density is None and self.erdos_renyi_scale is None:
+            raise ValueError("rule 'topk' needs train.density in (0, 1] or train.erdos_renyi_scale")
+        return self
+
+
+class EvaluateSection(_Section):
+    gn: bool = True
+    method: Literal["one_shot", "binary"] = "one_shot"
+    objective: Literal["entropy", "g"] = "entropy"
+    mode: Literal["one_image", "batch", "per_example"] = "one_image"
+    batch_size: int = Field(128, ge=1)
+    group_size: int = Field(25, ge=1)  # tasks evaluated by one worker
+    max_batches: int | None = Field(None, ge=1)  # test batches per task; None: the whole split
+    curve_points: int = Field(6, ge=0)  # points on the accuracy-vs-tasks-learned curve
+    curve_tasks: int = Field(10, ge=1)  # tasks sampled at each curve point
+
+
+class ClusterSection(_Section):
+    address: str | None = None  # None: start a local Ray; "auto" or ray://host:port: join one
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: float | None = Field(None, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    threads_per_worker: int | None = Field(None, ge=1)
+
+
+class RegistrySection(_Section):
+    root: str = "runs/registry"
+    bank: str | None = None  # default: the experiment name
+
+
+class TrackingSection(_Section):
+    uri: str | None = None  # default: sqlite under the run folder
+    experiment: str | None = None
+    model_name: str | None = None
+    alias: str = "latest"
+    register: bool = True
+    embed_masks_max_bytes: int = Field(64 * 2**20, ge=0)  # smaller banks travel inside the model
+
+
+class ExperimentConfig(_Section):
+    name: str = "supsup"
+    seed: int = 0
+    output_dir: str = "runs"
+    network: NetworkSection = NetworkSection()
+    data: DataSection = DataSection()
+    tasks: TasksSection = TasksSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    cluster: ClusterSection = ClusterSection()
+    registry: RegistrySection = RegistrySection()
+    tracking: TrackingSection = TrackingSection()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError(f"name must be non-empty without slashes or spaces, got {v!r}")
+        return v
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def bank(self) -> str:
+        return self.registry.bank or self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def model_name(self) -> str:
+        return self.tracking.model_name or self.name
+
+    def network_spec(self, num_classes: int, input_shape: tuple[int, ...]) -> NetworkSpec:
+        net = self.network
+        return NetworkSpec(
+            name=net.name, num_outputs=net.num_outputs,
+            num_classes=net.num_classes or num_classes, seed=self.seed,
+            input_shape=tuple(input_shape), hidden=tuple(net.hidden), width=net.width,
+        )
+
+    def train_config(self) -> TrainConfig:
+        t = self.train
+        return TrainConfig(
+            steps=t.steps, epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
+            lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
+            warmup_steps=t.warmup_steps, rule=t.rule, density=t.density,
+            erdos_renyi_scale=t.erdos_renyi_scale, seed=self.seed, log_every=t.log_every,
+        )
+
+    def mask_info(self) -> dict[str, Any]:
+        """What decides the masks: stored in the registry manifest, so banks never mix rules."""
+        t = self.train
+        return {"rule": t.rule, "density": t.density, "erdos_renyi_scale": t.erdos_renyi_scale,
+                "family": self.tasks.family, "dataset": self.data.dataset}
+
+    def flat_params(self) -> dict[str, str]:
+        """Dotted key -> value strings, for MLflow params."""
+        return {k: str(v) for k, v in flatten(self.model_dump()).items()}
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `key.path=value` strings (values parsed as YAML) to a raw config mapping."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+        path, _, text = item.partition("=")
+        keys = path.strip().split(".")
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            child = node.get(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:i + 1])} is not a section")
+            node[k] = child = dict(child)
+            node = child
+        node[keys[-1]] = yaml.safe_load(text)
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
+                 overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a raw mapping (plus overrides) into an ExperimentConfig."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [], source)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Read and validate a YAML experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, str(path), overrides)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (logged as an artifact; loads back to the same config)."""
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

@@ -1,0 +1,177 @@
+"""The evaluation job: Ray workers run task inference on the assembled bank, per task group.
+
+Each worker loads the bank itself (from the registry, or from a bank file a model version
+carries), rebuilds the base network from its seed, and evaluates its tasks: GG accuracy, and GN
+task-inference accuracy and accuracy with the inferred task. The driver gathers the per-task
+results and the curve of GN accuracy against the number of tasks learned (the bank restricted to
+its first k tasks, as it stood when k tasks were learned).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.cluster import ray_session, remote_options, worker_threads
+from pipeline.config import ExperimentConfig
+from pipeline.experiment import build_net, build_tasks, task_groups
+from pipeline.registry import MaskRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    """Per-task results, the summary over tasks, and the tasks-learned curve."""
+
+    bank: str
+    source: dict[str, Any]
+    tasks: list[dict[str, Any]]
+    summary: dict[str, float]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def confusions(self, top: int = 20) -> list[tuple[int, int, int]]:
+        """(true task, inferred task, count) for wrong inferences, most frequent first."""
+        out = []
+        for r in self.tasks:
+            for inferred, count in (r.get("inferred") or {}).items():
+                if int(inferred) != r["task_id"]:
+                    out.append((r["task_id"], int(inferred), int(count)))
+        return sorted(out, key=lambda c: (-c[2], c[0], c[1]))[:top]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bank": self.bank, "source": self.source, "settings": self.settings,
+            "summary": self.summary, "curve": self.curve, "seconds": self.seconds,
+            "confusions": [list(c) for c in self.confusions()], "tasks": self.tasks,
+        }
+
+
+@functools.lru_cache(maxsize=2)
+def _load_bank(root: str, bank: str) -> Any:
+    # Reused across the groups a worker process evaluates.
+    return MaskRegistry(root).load_bank(bank)
+
+
+def load_source(source: dict[str, Any]) -> Any:
+    """(MaskBank, NetworkSpec) from a registry source {"root", "bank"}."""
+    return _load_bank(source["root"], source["bank"])
+
+
+def evaluate_group_worker(
+    config_data: dict[str, Any],
+    source: dict[str, Any],
+    task_ids: list[int],
+    candidates: list[int] | None,
+) -> list[dict[str, Any]]:
+    """Runs inside a Ray worker: evaluate `task_ids`, inferring among `candidates`."""
+    import torch
+
+    from pipeline.config import ExperimentConfig
+    from supsup.evaluate import evaluate_task
+
+    config = ExperimentConfig.model_validate(config_data)
+    torch.set_num_threads(worker_threads(config.cluster))
+    bank, spec = load_source(source)
+    tasks = build_tasks(config)
+    net = build_net(spec)
+    if tuple(spec.input_shape) != tasks.input_shape:
+        raise ValueError(f"bank {source['bank']!r} was trained on inputs {spec.input_shape}, "
+                         f"the config's tasks have {tasks.input_shape}")
+    e = config.evaluate
+    out = []
+    for t in task_ids:
+        start = time.perf_counter()
+        result = evaluate_task(
+            net, bank, tasks, t, gn=e.gn, batch_size=e.batch_size, method=e.method,
+            objective=e.objective, mode=e.mode, candidates=candidates, max_batches=e.max_batches,
+        )
+        row = result.to_dict()
+        row["inferred"] = {str(k): v for k, v in (row.get("inferred") or {}).items()}
+        row["seconds"] = time.perf_counter() - start
+        out.append(row)
+    return out
+
+
+def curve_points(task_ids: list[int], points: int) -> list[int]:
+    """Numbers of tasks learned at which to measure (always ending at all of them)."""
+    n = len(task_ids)
+    if points <= 1 or n <= 1:
+        return [n]
+    ks = {max(1, round(n * (i + 1) / points)) for i in range(points)}
+    return sorted(ks)
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    from supsup.evaluate import TaskEvaluation, summarize
+
+    fields = TaskEvaluation.__dataclass_fields__
+    return summarize([TaskEvaluation(**{k: v for k, v in r.items() if k in fields})
+                      for r in rows])
+
+
+def run_evaluation(
+    config: ExperimentConfig,
+    source: dict[str, Any],
+    *,
+    task_ids: list[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    address: str | None = None,
+) -> EvalReport:
+    """Evaluate the bank at `source` ({"root", "bank"}) on the tasks of `config`."""
+    import ray
+
+    start = time.perf_counter()
+    bank, _ = load_source(source)
+    ids = sorted(bank.task_ids) if task_ids is None else list(task_ids)
+    missing = [t for t in ids if t not in bank]
+    if missing:
+        raise KeyError(f"tasks {missing[:10]} are not in bank {source['bank']!r}")
+    ids_sorted = sorted(bank.task_ids)
+    jobs: list[tuple[str, int, list[int], list[int] | None]] = [
+        ("final", len(ids_sorted), g, None) for g in task_groups(ids, config.evaluate.group_size)
+    ]
+    if config.evaluate.gn:
+        for k in curve_points(ids_sorted, config.evaluate.curve_points)[:-1]:
+            learned = ids_sorted[:k]
+            step = max(1, len(learned) // config.evaluate.curve_tasks)
+            sample = learned[::step][: config.evaluate.curve_tasks]
+            jobs.append(("curve", k, sample, learned))
+    config_data = config.model_dump()
+    rows: list[dict[str, Any]] = []
+    curve_rows: dict[int, list[dict[str, Any]]] = {}
+    with ray_session(config.cluster, address):
+        remote = ray.remote(**remote_options(config.cluster, config.train.max_retries))(
+            evaluate_group_worker)
+        refs = {remote.remote(config_data, source, g, cands): (kind, k, g)
+                for kind, k, g, cands in jobs}
+        total = sum(len(g) for _, _, g, _ in jobs)
+        done = 0
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            kind, k, group = refs[ready[0]]
+            result = ray.get(ready[0])
+            (rows if kind == "final" else curve_rows.setdefault(k, [])).extend(result)
+            done += len(group)
+            if progress:
+                progress(done, total)
+    rows.sort(key=lambda r: r["task_id"])
+    summary = _summary(rows)
+    curve = []
+    for k in sorted(curve_rows):
+        s = _summary(curve_rows[k])
+        curve.append({"tasks_learned": k, **s})
+    if config.evaluate.gn:
+        curve.append({"tasks_learned": len(ids_sorted), **summary})
+    e = config.evaluate
+    settings = {"method": e.method, "objective": e.objective, "mode": e.mode,
+                "batch_size": e.batch_size, "max_batches": e.max_batches, "gn": e.gn}
+    return EvalReport(source["bank"], source, rows, summary, curve, settings,
+                      time.perf_counter() - start)

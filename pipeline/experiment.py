@@ -1,0 +1,56 @@
+"""From a validated config to the supsup objects a job needs: tasks, network spec, network.
+
+Drivers and Ray workers both call these, so a worker rebuilds exactly what the driver described
+from the config alone (data from its source, base weights from the seed) and nothing heavy ever
+travels through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pipeline.config import ExperimentConfig
+from pipeline.datasets import load_dataset
+from supsup.networks import NetworkSpec, SupermaskNet, build_network
+from supsup.tasks import TaskSet, TensorData, make_tasks
+
+
+@functools.lru_cache(maxsize=4)
+def _base_data(name: str, root: str | None, download: bool, image_size: int | None,
+               test_fraction: float, seed: int) -> tuple[TensorData, TensorData]:
+    # One copy per process: a Ray worker that runs several groups loads its data once.
+    return load_dataset(name, root, download=download, image_size=image_size,
+                        test_fraction=test_fraction, seed=seed)
+
+
+def build_tasks(config: ExperimentConfig) -> TaskSet:
+    """The task family of `config` over its base data set."""
+    d, t = config.data, config.tasks
+    train, test = _base_data(d.dataset, d.root, d.download, d.image_size, d.test_fraction,
+                             config.seed)
+    options: dict[str, float | int] = {}
+    if t.family == "rotated":
+        options["degrees"] = t.degrees
+    if t.family == "split":
+        options["classes_per_task"] = t.classes_per_task
+    return make_tasks(t.family, train, test, t.num_tasks, config.seed, **options)
+
+
+def build_spec(config: ExperimentConfig, tasks: TaskSet) -> NetworkSpec:
+    """The base network's spec for `tasks` (input shape and labels come from the data)."""
+    spec = config.network_spec(tasks.num_classes, tasks.input_shape)
+    if spec.num_classes < tasks.num_classes:
+        raise ValueError(f"network.num_classes ({spec.num_classes}) is below the "
+                         f"{tasks.num_classes} labels of each task")
+    return spec
+
+
+def build_net(spec: NetworkSpec) -> SupermaskNet:
+    """Rebuild the fixed random network from its spec and seed."""
+    return build_network(spec)
+
+
+def task_groups(task_ids: list[int], group_size: int) -> list[list[int]]:
+    """Fixed consecutive groups: the same split on every run, so a resumed job trains each
+    unfinished group exactly as an uninterrupted job would."""
+    return [task_ids[i:i + group_size] for i in range(0, len(task_ids), group_size)]

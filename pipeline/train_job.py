@@ -1,0 +1,159 @@
+"""The training job: Ray workers learn groups of tasks' masks into the mask registry.
+
+Masks are independent given the base network's seed, so the task list is cut into fixed groups
+and each group is one Ray task: the worker rebuilds the data and the base network from the config,
+trains the group vectorised (`supsup.train.train_group`) and writes each task's packed masks to
+the registry. Only task ids, the config and small metric dicts cross Ray's object store. The
+driver bounds the groups in flight, shows progress, and is the only writer to MLflow.
+
+Rerunning the same command resumes: tasks already in the registry are skipped, and an unfinished
+group is retrained whole, which reproduces its finished tasks bit for bit (the registry confirms
+each as "unchanged" instead of rewriting it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.cluster import ray_session, remote_options, worker_slots, worker_threads
+from pipeline.config import ExperimentConfig
+from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.registry import MaskRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    """What a training job did; `tasks` maps task id -> its metrics (new tasks only)."""
+
+    bank: str
+    registry_root: str
+    num_tasks: int
+    trained: dict[int, dict[str, float]] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    run_id: str | None = None
+    model_version: int | None = None
+
+    @property
+    def tasks_per_hour(self) -> float:
+        return 3600.0 * len(self.trained) / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list[dict[str, Any]]:
+    """Runs inside a Ray worker: train `task_ids` and write them to the registry.
+
+    Returns one small metrics dict per task. Importable without Ray, so the same function serves
+    a single-process run and the tests' reference.
+    """
+    import torch
+
+    from pipeline.config import ExperimentConfig
+    from supsup.masks import pack_bits
+    from supsup.train import train_group
+
+    config = ExperimentConfig.model_validate(config_data)
+    torch.set_num_threads(worker_threads(config.cluster))
+    device = "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    tasks = build_tasks(config)
+    spec = build_spec(config, tasks)
+    net = build_net(spec)
+    registry = MaskRegistry(config.registry.root)
+    start = time.perf_counter()
+    result = train_group(net, tasks, task_ids, config.train_config(), device=device)
+    seconds = (time.perf_counter() - start) / len(task_ids)
+    out = []
+    for t in task_ids:
+        packed = {k: pack_bits(m).numpy() for k, m in result.masks[t].items()}
+        stats = {k: s.numpy() for k, s in result.bn_stats[t].items()} or None
+        metrics = {
+            "train_accuracy": result.accuracy[t], "train_loss": result.loss[t],
+            "density": result.density[t], "seconds": seconds, "steps": result.steps,
+        }
+        status = registry.write_task(config.bank, t, packed, stats, metadata=metrics)
+        out.append({"task_id": t, "status": status, **metrics})
+    return out
+
+
+def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
+    """Create (or check) the bank's manifest; returns the registry and the tasks already stored."""
+    tasks = build_tasks(config)
+    spec = build_spec(config, tasks)
+    net = build_net(spec)
+    registry = MaskRegistry(config.registry.root)
+    registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
+                         config.mask_info())
+    return registry, registry.tasks(config.bank)
+
+
+def run_training(
+    config: ExperimentConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
+    address: str | None = None,
+) -> TrainSummary:
+    """Train every task of `config` not yet in the registry, with Ray workers.
+
+    `progress(done, total)` is called as groups finish; `on_task(metrics)` once per new task
+    (the CLI hangs the progress bar and MLflow logging there).
+    """
+    import ray
+
+    registry, stored = prepare_bank(config)
+    all_ids = list(range(config.tasks.num_tasks))
+    done = set(stored)
+    groups = [g for g in task_groups(all_ids, config.train.group_size)
+              if not set(g) <= done]
+    summary = TrainSummary(config.bank, config.registry.root, len(all_ids),
+                           skipped=sorted(done & set(all_ids)))
+    total = len(all_ids)
+    finished = len(summary.skipped)
+    if progress:
+        progress(finished, total)
+    if not groups:
+        log.info("all %d tasks of bank %r are already in the registry", total, config.bank)
+        return summary
+    start = time.perf_counter()
+    config_data = config.model_dump()
+    with ray_session(config.cluster, address) as resources:
+        slots = worker_slots(config.cluster, resources)
+        in_flight_max = config.train.max_in_flight or slots
+        remote = ray.remote(**remote_options(config.cluster, config.train.max_retries))(
+            train_group_worker)
+        queue = list(groups)
+        running: dict[Any, list[int]] = {}
+        while queue or running:
+            while queue and len(running) < in_flight_max:
+                group = queue.pop(0)
+                running[remote.remote(config_data, group)] = group
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                group = running.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise RuntimeError(
+                        f"training tasks {group[0]}..{group[-1]} failed after "
+                        f"{config.train.max_retries} retries: {err}. Tasks already in the "
+                        f"registry are kept; rerun the same command to resume."
+                    ) from err
+                for r in results:
+                    if r["task_id"] in done:
+                        continue  # retrained with its group; the registry confirmed it unchanged
+                    done.add(r["task_id"])
+                    summary.trained[r["task_id"]] = {
+                        k: float(v) for k, v in r.items() if k not in ("task_id", "status")}
+                    if on_task:
+                        on_task(r)
+                finished = len(done & set(all_ids))
+                if progress:
+                    progress(finished, total)
+    summary.seconds = time.perf_counter() - start
+    return summary
+

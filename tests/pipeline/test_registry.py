@@ -1,0 +1,429 @@
+"""Tests for pipeline.registry: real Parquet files under tmp_path, real supsup networks."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.registry import (
+    MaskRegistry,
+    RegistryConflictError,
+    RegistryCorruptError,
+    row_checksum,
+)
+from supsup.masks import pack_bits
+from supsup.networks import SupermaskNet, build_network
+from supsup.scores import TaskScores
+
+MASK_INFO = {"rule": "threshold"}
+Packed = dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def lenet() -> tuple[SupermaskNet, dict[int, dict[str, torch.Tensor]]]:
+    """LeNet with 100 outputs and the (untrained, threshold) masks of tasks 0, 1, 2."""
+    net = build_network(name="lenet", num_outputs=100)
+    exported = TaskScores(net, [0, 1, 2]).export()
+    return net, {t: masks for t, (masks, _) in exported.items()}
+
+
+def _pack(masks: dict[str, torch.Tensor]) -> Packed:
+    return {k: pack_bits(m).numpy() for k, m in masks.items()}
+
+
+def _bank(root: Any, net: SupermaskNet, name: str = "b") -> MaskRegistry:
+    reg = MaskRegistry(root)
+    reg.create_bank(name, net.spec.to_dict(), net.layer_shapes(), net.bn_features(), MASK_INFO)
+    return reg
+
+
+def _filled(root: Any, lenet: tuple) -> MaskRegistry:
+    net, masks = lenet
+    reg = _bank(root, net)
+    for t, m in masks.items():
+        assert reg.write_task("b", t, _pack(m), metadata={"train_accuracy": 0.9 + t / 100}) == (
+            "written")
+    return reg
+
+
+def _task_file(root: Path, bank: str, task_id: int) -> Path:
+    return root / bank / "tasks" / f"task-{task_id:07d}.parquet"
+
+
+def test_round_trip_is_bit_exact(tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    root = tmp_path / "reg"
+    reg = MaskRegistry(root)
+    assert not root.exists() and reg.banks() == []  # nothing is created before the first write
+    reg = _filled(root, lenet)
+    assert reg.banks() == ["b"] and reg.tasks("b") == [0, 1, 2]
+    manifest = json.loads((root / "b" / "manifest.json").read_text())
+    assert manifest["format"] == 1 and manifest["bank"] == "b"
+    assert manifest["network"] == net.spec.to_dict() and manifest["mask"] == MASK_INFO
+    assert manifest["layer_shapes"] == {k: list(s) for k, s in net.layer_shapes().items()}
+
+    rec = reg.read_task("b", 1)
+    assert rec.task_id == 1 and rec.bn_stats == {} and rec.metadata == {"train_accuracy": 0.91}
+    for k, m in masks[1].items():
+        np.testing.assert_array_equal(rec.packed[k], np.packbits(m.numpy().astype(np.uint8)))
+        assert rec.densities[k] == int(m.sum()) / m.numel()
+
+    bank, spec = reg.load_bank("b")
+    assert spec == net.spec and bank.task_ids == [0, 1, 2]
+    for t, layer_masks in masks.items():
+        for k, m in layer_masks.items():
+            assert torch.equal(bank.mask(t, k), m)
+    sub, _ = reg.load_bank("b", task_ids=[2, 0])
+    assert sub.task_ids == [2, 0]
+    for k in masks[0]:
+        assert torch.equal(sub.packed(k), bank.packed(k)[[2, 0]])
+
+
+def test_bn_stats_round_trip_with_a_conv_net(tmp_path: Path) -> None:
+    net = build_network(name="conv", input_shape=(1, 28, 28), width=4, num_outputs=10)
+    exported = TaskScores(net, [3, 5]).export()
+    gen = torch.Generator().manual_seed(0)
+    stats = {
+        t: {k: torch.stack([torch.randn(s.shape[1], generator=gen),
+                            torch.rand(s.shape[1], generator=gen) + 0.1]) for k, s in bn.items()}
+        for t, (_, bn) in exported.items()
+    }
+    reg = MaskRegistry(tmp_path)
+    reg.create_bank("conv", net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    assert reg.manifest("conv")["bn_features"] == net.bn_features() != {}
+    for t, (masks, _) in exported.items():
+        reg.write_task("conv", t, _pack(masks), {k: v.numpy() for k, v in stats[t].items()})
+    rec = reg.read_task("conv", 5)
+    for k, s in stats[5].items():
+        assert rec.bn_stats[k].dtype == np.float32
+        np.testing.assert_array_equal(rec.bn_stats[k], s.numpy())
+    bank, _ = reg.load_bank("conv")
+    for t, (masks, _) in exported.items():
+        for k, s in stats[t].items():
+            assert torch.equal(bank.bn_stats(t, k), s)
+        for k, m in masks.items():
+            assert torch.equal(bank.mask(t, k), m)
+
+
+def test_rewrite_of_identical_masks_is_unchanged_and_keeps_metadata(
+    tmp_path: Path, lenet: tuple
+) -> None:
+    _, masks = lenet
+    reg = _filled(tmp_path, lenet)
+    before = _task_file(tmp_path, "b", 0).read_bytes()
+    assert reg.write_task("b", 0, _pack(masks[0]), metadata={"seconds": 3.0}) == "unchanged"
+    assert _task_file(tmp_path, "b", 0).read_bytes() == before
+    assert reg.read_task("b", 0).metadata == {"train_accuracy": 0.9}
+
+
+def test_a_different_mask_for_a_stored_task_conflicts_and_keeps_the_file(
+    tmp_path: Path, lenet: tuple
+) -> None:
+    _, masks = lenet
+    reg = _filled(tmp_path, lenet)
+    path = _task_file(tmp_path, "b", 1)
+    before = path.read_bytes()
+    other = _pack(masks[1])
+    key = next(iter(other))
+    other[key] = other[key].copy()
+    other[key][0] ^= 0b1000_0000
+    with pytest.raises(RegistryConflictError, match=(
+            rf"bank 'b' already holds task 1 with different masks \(mask {key} differ\); "
+            r"the stored mask was kept.*new bank name \(e.g. 'b-v2'\)")):
+        reg.write_task("b", 1, other)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "task-0000000.parquet", "task-0000001.parquet", "task-0000002.parquet"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_data_byte(path: Path) -> None:
+    """Flip one byte inside the compressed page of the `data` column (past its page header)."""
+    col = pq.ParquetFile(path).metadata.row_group(0).column(6)
+    assert col.path_in_schema == "data"
+    offset = col.data_page_offset + col.total_compressed_size - 16
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _rewrite_with_changed_mask(path: Path) -> None:
+    """A well-formed Parquet file (metadata kept) whose first mask no longer fits its checksum."""
+    kv = {k: v for k, v in pq.ParquetFile(path).metadata.metadata.items()
+          if k != b"ARROW:schema"}
+    table = pq.read_table(path)
+    data = table.column("data").to_pylist()
+    data[0] = bytes([data[0][0] ^ 0x01]) + data[0][1:]
+    table = table.set_column(6, "data", pa.array(data, pa.binary()))
+    pq.write_table(table.replace_schema_metadata(kv), path)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_truncate, "unreadable or truncated Parquet file"),
+    (_flip_data_byte, "unreadable or truncated Parquet file"),
+    (_rewrite_with_changed_mask, r"checksum mismatch in the mask of layer '.+'"),
+])
+def test_damaged_files_are_reported_by_verify_and_raise_on_read(
+    tmp_path: Path, lenet: tuple, damage: Callable[[Path], None], problem: str
+) -> None:
+    reg = _filled(tmp_path, lenet)
+    damage(_task_file(tmp_path, "b", 1))
+    report = reg.verify("b")
+    assert report.ok == [0, 2] and list(report.problems) == [1] and not report.all_ok
+    assert "task-0000001.parquet" in report.problems[1]
+    with pytest.raises(RegistryCorruptError, match=rf"task-0000001\.parquet: {problem}.*"
+                                                   r"supsup registry verify"):
+        reg.read_task("b", 1)
+    with pytest.raises(RegistryCorruptError, match=problem):
+        reg.load_bank("b")
+    with pytest.raises(RegistryCorruptError, match=problem):
+        reg.write_task("b", 1, _pack(lenet[1][1]))
+    assert reg.read_task("b", 2).task_id == 2
+
+
+def test_verify_lists_stray_temp_files_and_tasks_ignores_them(tmp_path: Path, lenet: tuple) -> None:
+    reg = _filled(tmp_path, lenet)
+    (tmp_path / "b" / "tasks" / ".task-0000009.parquet.tmp-dead").write_bytes(b"partial")
+    assert reg.tasks("b") == [0, 1, 2]
+    report = reg.verify("b")
+    assert report.all_ok and report.ok == [0, 1, 2]
+    assert report.stray == ["tasks/.task-0000009.parquet.tmp-dead"]
+
+
+def test_a_missing_layer_row_is_reported(tmp_path: Path, lenet: tuple) -> None:
+    reg = _filled(tmp_path, lenet)
+    path = _task_file(tmp_path, "b", 2)
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, table.num_rows - 1), path)
+    assert "missing layer rows" in reg.verify("b").problems[2]
+    with pytest.raises(RegistryCorruptError, match=r"missing layer rows: \['mask .+'\]"):
+        reg.read_task("b", 2)
+
+
+def _drop_layer(p: Packed) -> Packed:
+    return dict(list(p.items())[1:])
+
+
+def _short(p: Packed) -> Packed:
+    k = next(iter(p))
+    return {**p, k: p[k][:-1]}
+
+
+def _unpacked(p: Packed) -> Packed:
+    k = next(iter(p))
+    return {**p, k: np.unpackbits(p[k]).astype(np.float32)}
+
+
+def _two_dim(p: Packed) -> Packed:
+    k = next(iter(p))
+    return {**p, k: p[k].reshape(2, -1)}
+
+
+def _extra(p: Packed) -> Packed:
+    return {**p, "head": p[next(iter(p))]}
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (_drop_layer, KeyError, r"task 0: no packed mask for layers \['.+'\] of bank 'b'"),
+    (_short, ValueError, r"has \d+ bytes, expected \d+ = ceil\(\d+ weights of shape"),
+    (_unpacked, ValueError, "has dtype float32; pack the 0/1 mask"),
+    (_two_dim, ValueError, r"pack the flattened mask"),
+    (_extra, ValueError, r"layers \['head'\] are not masked layers of bank 'b'"),
+])
+def test_bad_masks_raise_before_touching_disk(
+    tmp_path: Path, lenet: tuple, mutate: Callable[[Packed], Packed], error: type, match: str
+) -> None:
+    net, masks = lenet
+    reg = _bank(tmp_path, net)
+    with pytest.raises(error, match=match):
+        reg.write_task("b", 0, mutate(_pack(masks[0])))
+    assert reg.tasks("b") == [] and not (tmp_path / "b" / "tasks").exists()
+
+
+def test_padding_bits_and_bn_inputs_are_checked(tmp_path: Path) -> None:
+    net = build_network(name="conv", input_shape=(1, 28, 28), width=4, num_outputs=10)
+    reg = MaskRegistry(tmp_path)
+    # a layer whose weight count is not a multiple of 8, to exercise the padding check
+    reg.create_bank("odd", net.spec, {"w": (3, 3)}, {"bn": 2}, MASK_INFO)
+    ok = {"w": np.packbits(np.ones(9, np.uint8))}
+    with pytest.raises(ValueError, match="padding bits set past its last weight"):
+        reg.write_task("odd", 0, {"w": np.array([255, 255], np.uint8)}, {"bn": np.ones((2, 2))})
+    with pytest.raises(ValueError, match=r"bank 'odd' has BatchNorm layers \['bn'\]"):
+        reg.write_task("odd", 0, ok)
+    with pytest.raises(ValueError, match=r"BN stats of layer 'bn' have shape \(2, 3\), "
+                                         r"expected \(2, 2\)"):
+        reg.write_task("odd", 0, ok, {"bn": np.ones((2, 3))})
+    with pytest.raises(ValueError, match="are not all finite"):
+        reg.write_task("odd", 0, ok, {"bn": np.array([[0.0, 1.0], [np.nan, 1.0]])})
+    with pytest.raises(ValueError, match="task 0 metadata must be JSON-serialisable"):
+        reg.write_task("odd", 0, ok, {"bn": np.ones((2, 2))}, metadata={"x": object()})
+    assert reg.write_task("odd", 0, ok, {"bn": np.ones((2, 2))}) == "written"
+    assert reg.read_task("odd", 0).densities == {"w": 1.0}
+
+
+def test_bank_and_task_errors_name_what_to_do(tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    reg = _filled(tmp_path, lenet)
+    spec = {**net.spec.to_dict(), "seed": 1}
+    with pytest.raises(ValueError, match=r"bank 'b' .* already exists with a different network: "
+                                         r"network.seed \(stored 0, given 1\).*new bank name"):
+        reg.create_bank("b", spec, net.layer_shapes(), {}, MASK_INFO)
+    with pytest.raises(ValueError, match=r"different layer_shapes, mask: .*mask.rule "
+                                         r"\(stored threshold, given topk\)"):
+        reg.create_bank("b", net.spec, {"x": [4]}, {}, {"rule": "topk"})
+    reg.create_bank("b", net.spec, net.layer_shapes(), None, MASK_INFO)  # identical: a no-op
+    with pytest.raises(KeyError, match=r"no bank 'nope' in the registry at .*; banks present: "
+                                       r"\['b'\]"):
+        reg.write_task("nope", 0, _pack(masks[0]))
+    with pytest.raises(KeyError, match="no bank 'nope'"):
+        reg.load_bank("nope")
+    with pytest.raises(KeyError, match=r"bank 'b' has no task 5, 9; it holds tasks \[0, 1, 2\]"):
+        reg.load_bank("b", task_ids=[0, 5, 9])
+    with pytest.raises(KeyError, match="bank 'b' has no task 7"):
+        reg.read_task("b", 7)
+    with pytest.raises(ValueError, match="bank name '../up' is not allowed"):
+        reg.create_bank("../up", net.spec, net.layer_shapes(), {}, MASK_INFO)
+    with pytest.raises(ValueError, match="task_id must be a non-negative integer, got -1"):
+        reg.write_task("b", -1, _pack(masks[0]))
+    with pytest.raises(ValueError, match="unknown network 'nonet'"):
+        reg.create_bank("c", {"name": "nonet"}, net.layer_shapes(), {}, MASK_INFO)
+
+
+def test_export_import_round_trip(tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    reg = _filled(tmp_path / "a", lenet)
+    dest = reg.export("b", tmp_path / "out" / "b.parquet")
+    assert dest.is_file() and not [p for p in dest.parent.iterdir() if p != dest]
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        reg.export("b", dest)
+
+    other = MaskRegistry(tmp_path / "z")
+    result = other.import_file(dest)
+    assert (result.bank, result.written, result.unchanged) == ("b", [0, 1, 2], [])
+    assert other.import_file(dest).unchanged == [0, 1, 2]
+    assert other.snapshot("b") == reg.snapshot("b")
+    assert other.read_task("b", 2).metadata == {"train_accuracy": 0.92}
+    bank, _ = other.load_bank("b")
+    for t, layer_masks in masks.items():
+        for k, m in layer_masks.items():
+            assert torch.equal(bank.mask(t, k), m)
+
+    renamed = reg.import_file(reg.export("b", tmp_path / "one.parquet", task_ids=[1]), "b-copy")
+    assert renamed.written == [1] and reg.tasks("b-copy") == [1]
+    with pytest.raises(ValueError, match="is not a mask registry export"):
+        reg.import_file(_task_file(tmp_path / "a", "b", 0))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reg.import_file(tmp_path / "missing.parquet")
+
+    clash = _bank(tmp_path / "c", net)
+    clash.write_task("b", 0, _pack(masks[1]))
+    with pytest.raises(RegistryConflictError, match="already holds task 0"):
+        clash.import_file(dest)
+
+    _rewrite_with_changed_mask(dest)
+    with pytest.raises(RegistryCorruptError, match="checksum mismatch.*re-export the bank"):
+        MaskRegistry(tmp_path / "d").import_file(dest)
+
+
+def test_snapshot_pins_contents(tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    reg = _bank(tmp_path, net)
+    reg.write_task("b", 0, _pack(masks[0]))
+    first = reg.snapshot("b")
+    assert first["bank"] == "b" and first["tasks"] == 1
+    assert reg.snapshot("b") == first
+    reg.write_task("b", 1, _pack(masks[1]))
+    second = reg.snapshot("b")
+    assert second["tasks"] == 2
+    assert second["content_sha256"] != first["content_sha256"]
+    assert second["task_ids_hash"] != first["task_ids_hash"]
+
+
+def test_row_checksum_covers_every_field() -> None:
+    base = row_checksum(3, "body.1", "mask", (4, 2), b"\x0f")
+    assert len(base) == 64
+    assert len({base, row_checksum(4, "body.1", "mask", (4, 2), b"\x0f"),
+                row_checksum(3, "body.3", "mask", (4, 2), b"\x0f"),
+                row_checksum(3, "body.1", "bn", (4, 2), b"\x0f"),
+                row_checksum(3, "body.1", "mask", (2, 4), b"\x0f"),
+                row_checksum(3, "body.1", "mask", (4, 2), b"\x1f")}) == 6
+
+
+@pytest.mark.parametrize("scheme", ["file", "mock"])
+def test_uri_roots(tmp_path: Path, lenet: tuple, scheme: str) -> None:
+    _, masks = lenet
+    root = f"file://{tmp_path}/reg" if scheme == "file" else "mock:///reg"
+    reg = _filled(root, lenet)
+    bank, _ = reg.load_bank("b")
+    k = next(iter(masks[0]))
+    assert torch.equal(bank.mask(2, k), masks[2][k])
+    changed = _pack(masks[1])
+    with pytest.raises(RegistryConflictError, match="already holds task 0"):
+        reg.write_task("b", 0, changed)
+    assert reg.verify("b").ok == [0, 1, 2]
+    if scheme == "file":  # the URI maps onto the local folder
+        assert MaskRegistry(tmp_path / "reg").tasks("b") == [0, 1, 2]
+
+
+RACED_TASKS = tuple(range(7, 31))  # many rounds: one lucky ordering cannot hide a race
+
+
+def _racing_writer(root: str, which: int, barrier: Any, results: Any) -> None:
+    """Child process: for each raced task, write masks drawn from `which`; report the outcomes."""
+    reg = MaskRegistry(root)
+    shapes = reg.manifest("b")["layer_shapes"]
+    rng = np.random.default_rng(which)
+    for task in RACED_TASKS:
+        packed = {k: rng.integers(0, 256, (int(np.prod(s)) + 7) // 8, dtype=np.uint8)
+                  for k, s in shapes.items()}
+        barrier.wait(timeout=60)
+        try:
+            status = reg.write_task("b", task, packed, metadata={"writer": which})
+        except RegistryConflictError as exc:
+            status = f"conflict: {exc}"
+        results.put((task, which, status))
+
+
+def test_concurrent_writers_of_one_task_exactly_one_wins(tmp_path: Path, lenet: tuple) -> None:
+    net, _ = lenet
+    for n in net.layer_shapes().values():  # the child draws whole bytes: no padding bits
+        assert np.prod(n) % 8 == 0
+    _bank(tmp_path, net)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_racing_writer, args=(str(tmp_path), w, barrier, results))
+             for w in (1, 2)]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, dict[int, str]] = {t: {} for t in RACED_TASKS}
+    for _ in range(len(procs) * len(RACED_TASKS)):
+        task, which, status = results.get(timeout=120)
+        outcomes[task][which] = status
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    reg = MaskRegistry(tmp_path)
+    report = reg.verify("b")
+    assert report.ok == list(RACED_TASKS) and report.stray == []
+    for task, by_writer in outcomes.items():
+        winners = [w for w, s in by_writer.items() if s == "written"]
+        losers = [w for w, s in by_writer.items() if s.startswith("conflict")]
+        assert len(winners) == 1 and len(losers) == 1, (task, by_writer)
+        assert f"already holds task {task}" in by_writer[losers[0]]
+        assert "the stored mask was kept" in by_writer[losers[0]]
+        assert reg.read_task("b", task).metadata == {"writer": winners[0]}
+    assert sorted(os.listdir(tmp_path / "b" / "tasks")) == [
+        f"task-{t:07d}.parquet" for t in RACED_TASKS]
