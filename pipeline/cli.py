@@ -90,7 +90,7 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
                 tracker.log_artifact(path)
         registry = MaskRegistry(config.registry.root)
         stored = registry.tasks(config.bank)
-        if config.tracking.register and stored:
+        if config.tracking.register_model and stored:
             summary.model_version = _register(config, tracker, run_id, registry)
     log.info("trained %d new tasks (%d already stored) in %.1f s: %.0f tasks/h",
              len(summary.trained), len(summary.skipped), summary.seconds, summary.tasks_per_hour)

@@ -119,7 +119,7 @@ class TrackingSection(_Section):
     experiment: str | None = None
     model_name: str | None = None
     alias: str = "latest"
-    register: bool = True
+    register_model: bool = True
     embed_masks_max_bytes: int = Field(64 * 2**20, ge=0)  # smaller banks travel inside the model
 
 
