@@ -103,6 +103,46 @@ class MaskBank:
         bn_stats: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Add one task from 0/1 masks of each layer's shape (and (2, C) BN stats if any)."""
+        self.add_packed(task_id, self._pack_masks(task_id, masks), bn_stats)
+
+    def replace(
+        self,
+        task_id: int,
+        masks: Mapping[str, torch.Tensor],
+        bn_stats: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Overwrite a task's masks (and (2, C) BN stats if any) in its row, in place.
+
+        For masks that keep training after they enter the bank (training without task identity,
+        `supsup.discovery`). The per-weight counts change by the difference of the two masks, so
+        uniform mixtures stay exact. Everything is checked before anything changes.
+        """
+        row = self.row(task_id)
+        packed = self._pack_masks(task_id, masks)
+        stats = {}
+        for key, c in self.bn_features.items():
+            s = None if bn_stats is None else bn_stats.get(key)
+            if s is None:
+                raise KeyError(f"task {task_id}: no BatchNorm statistics for layer {key!r}")
+            s = torch.as_tensor(s, dtype=torch.float32).to(self.device)
+            if tuple(s.shape) != (2, c):
+                raise ValueError(
+                    f"task {task_id}: BN stats of {key!r} have shape {tuple(s.shape)}, "
+                    f"expected (2, {c})"
+                )
+            stats[key] = s
+        for key, p in packed.items():
+            n = self._numel(key)
+            old = self._store[key][row]
+            self._counts[key] += unpack_bits(p, n, torch.int32) - unpack_bits(old, n, torch.int32)
+            self._store[key][row] = p
+        for key, s in stats.items():
+            self._bn_store[key][row] = s
+
+    def _pack_masks(
+        self, task_id: int, masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Check one task's 0/1 masks against the layer shapes and pack them."""
         packed = {}
         for key, shape in self.layer_shapes.items():
             if key not in masks:
@@ -114,7 +154,7 @@ class MaskBank:
                     f"expected {shape}"
                 )
             packed[key] = pack_bits(m.to(self.device))
-        self.add_packed(task_id, packed, bn_stats)
+        return packed
 
     def add_packed(
         self,
@@ -275,8 +315,6 @@ class MaskBank:
         """
         n = self._numel(key)
         nbytes = packed_size(n)
-        if grad.dim() == 2 and grad.shape[1] == n:
-            return self._alpha_gradient_batched(key, rows, grad)
         g = grad.detach().reshape(-1).to(self.device, torch.float32)
         if g.numel() != n:
             raise ValueError(f"gradient for layer {key!r} has {g.numel()} values, expected {n}")
@@ -296,10 +334,10 @@ class MaskBank:
             out += table.reshape(-1)[idx].sum(1)
         return out
 
-    def _alpha_gradient_batched(
+    def alpha_gradient_batched(
         self, key: str, rows: torch.Tensor, grad: torch.Tensor
     ) -> torch.Tensor:
-        """(B, n) gradients -> (B, len(rows)): unpack blocks of tasks and use one matmul each.
+        """Per-example gradients (B, n) -> (B, len(rows)), one matmul per block of tasks.
 
         With many examples a real matrix product beats B table builds; blocks keep the unpacked
         floats small.

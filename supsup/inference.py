@@ -96,7 +96,7 @@ def alpha_gradients(
         grads = torch.autograd.grad(obj, leaves, grad_outputs=eye, is_grads_batched=True)
         out = torch.zeros(obj.shape[0], k, device=bank.device)
         for key, g in zip(mixtures, grads):
-            out += bank.alpha_gradient(key, rows, g.reshape(g.shape[0], -1))
+            out += bank.alpha_gradient_batched(key, rows, g.reshape(g.shape[0], -1))
         return out
     grads = torch.autograd.grad(obj.mean(), leaves)
     return sum(bank.alpha_gradient(key, rows, g) for key, g in zip(mixtures, grads))

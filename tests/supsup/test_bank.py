@@ -13,19 +13,27 @@ from supsup.bank import MaskBank
 from supsup.masks import pack_bits, packed_size
 
 # Sizes that are not multiples of 8 (91, 135, 2745), one that is (64), and a conv shape.
-SHAPES: dict[str, tuple[int, ...]] = {"fc1": (7, 13), "conv": (5, 3, 3, 3), "fc2": (45, 61),
-                                      "head": (8, 8)}
+SHAPES: dict[str, tuple[int, ...]] = {
+    "fc1": (7, 13),
+    "conv": (5, 3, 3, 3),
+    "fc2": (45, 61),
+    "head": (8, 8),
+}
 BN = {"bn": 5}
 
 
-def _random_masks(num_tasks: int, seed: int = 0,
-                  shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict[str, torch.Tensor]:
+def _random_masks(
+    num_tasks: int, seed: int = 0, shapes: dict[str, tuple[int, ...]] = SHAPES
+) -> dict[str, torch.Tensor]:
     """(num_tasks, *shape) float 0/1 masks per layer with a different density per task."""
     g = torch.Generator().manual_seed(seed)
     density = torch.rand(num_tasks, generator=g) * 0.8 + 0.1
-    return {k: (torch.rand(num_tasks, *s, generator=g)
-                < density.reshape(-1, *[1] * len(s))).to(torch.float32)
-            for k, s in shapes.items()}
+    return {
+        k: (torch.rand(num_tasks, *s, generator=g) < density.reshape(-1, *[1] * len(s))).to(
+            torch.float32
+        )
+        for k, s in shapes.items()
+    }
 
 
 def _random_stats(num_tasks: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -33,11 +41,13 @@ def _random_stats(num_tasks: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.rand(num_tasks, 2, c, generator=g) + 0.5 for k, c in BN.items()}
 
 
-def _bank(task_ids: list[int], masks: dict[str, torch.Tensor],
-          stats: dict[str, torch.Tensor] | None = None) -> MaskBank:
+def _bank(
+    task_ids: list[int],
+    masks: dict[str, torch.Tensor],
+    stats: dict[str, torch.Tensor] | None = None,
+) -> MaskBank:
     bank = MaskBank(SHAPES, BN if stats is not None else None)
-    bank.extend_packed(task_ids, {k: pack_bits(m, group_dims=1) for k, m in masks.items()},
-                       stats)
+    bank.extend_packed(task_ids, {k: pack_bits(m, group_dims=1) for k, m in masks.items()}, stats)
     return bank
 
 
@@ -56,8 +66,7 @@ def test_mixture_uniform_over_all_tasks_uses_counts(key: str) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     # A reordering of every task is the same sum.
     shuffled = bank.rows(list(range(122, 99, -1)))
-    torch.testing.assert_close(bank.mixture(key, shuffled, alphas), expected, rtol=1e-6,
-                               atol=1e-7)
+    torch.testing.assert_close(bank.mixture(key, shuffled, alphas), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("key", sorted(SHAPES))
@@ -68,8 +77,9 @@ def test_mixture_random_alphas_and_subsets(key: str) -> None:
     g = torch.Generator().manual_seed(5)
     alphas = torch.randn(23, generator=g)
     expected = (alphas @ _stack(masks[key])).reshape(SHAPES[key])
-    torch.testing.assert_close(bank.mixture(key, bank.rows(None), alphas), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        bank.mixture(key, bank.rows(None), alphas), expected, rtol=1e-5, atol=1e-5
+    )
     picks = [117, 101, 120, 105]
     sub_alphas = torch.full((4,), 0.25)  # uniform, but not over every task: no count shortcut
     rows = [t - 100 for t in picks]
@@ -78,8 +88,9 @@ def test_mixture_random_alphas_and_subsets(key: str) -> None:
     # Repeating a task counts it twice even when the row count equals the number of tasks.
     repeated = [100] * 23
     expected = (torch.full((23,), 0.5) @ _stack(masks[key])[[0] * 23]).reshape(SHAPES[key])
-    torch.testing.assert_close(bank.mixture(key, bank.rows(repeated), torch.full((23,), 0.5)),
-                               expected)
+    torch.testing.assert_close(
+        bank.mixture(key, bank.rows(repeated), torch.full((23,), 0.5)), expected
+    )
 
 
 @pytest.mark.parametrize("block_elements", [1 << 22, 4096])
@@ -103,16 +114,24 @@ def test_alpha_gradient_equals_float_stack_product(
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     # A subset in any order gives each task's gradient at its own position.
     picks = [task_ids[i] for i in (299, 0, 150, 7)]
-    torch.testing.assert_close(bank.alpha_gradient(key, bank.rows(picks), grad),
-                               expected[[299, 0, 150, 7]], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        bank.alpha_gradient(key, bank.rows(picks), grad),
+        expected[[299, 0, 150, 7]],
+        rtol=1e-5,
+        atol=1e-4,
+    )
     # So does every task in reverse order (the same row count as the bank).
     reverse = task_ids[::-1]
-    torch.testing.assert_close(bank.alpha_gradient(key, bank.rows(reverse), grad),
-                               expected.flip(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        bank.alpha_gradient(key, bank.rows(reverse), grad), expected.flip(0), rtol=1e-5, atol=1e-4
+    )
     alphas = torch.randn(num_tasks, generator=g)
-    torch.testing.assert_close(bank.mixture(key, bank.rows(None), alphas),
-                               (alphas.double() @ stack).float().reshape(SHAPES[key]),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        bank.mixture(key, bank.rows(None), alphas),
+        (alphas.double() @ stack).float().reshape(SHAPES[key]),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def test_alpha_gradient_rejects_wrong_size() -> None:
@@ -160,8 +179,7 @@ def test_add_rejects_wrong_mask_shape() -> None:
 
 def _snapshot(bank: MaskBank) -> tuple[list[int], int, dict[str, torch.Tensor], torch.Tensor]:
     counts = bank.mixture("fc2", bank.rows(None), torch.ones(len(bank)))
-    return (list(bank.task_ids), bank.nbytes(),
-            {k: bank.packed(k).clone() for k in SHAPES}, counts)
+    return (list(bank.task_ids), bank.nbytes(), {k: bank.packed(k).clone() for k in SHAPES}, counts)
 
 
 def _assert_unchanged(bank: MaskBank, before: tuple) -> None:
@@ -174,8 +192,9 @@ def _assert_unchanged(bank: MaskBank, before: tuple) -> None:
 def test_extend_packed_with_wrong_shape_leaves_bank_unchanged() -> None:
     masks = _random_masks(5)
     stats = _random_stats(5)
-    bank = _bank([0, 1, 2], {k: m[:3] for k, m in masks.items()},
-                 {k: s[:3] for k, s in stats.items()})
+    bank = _bank(
+        [0, 1, 2], {k: m[:3] for k, m in masks.items()}, {k: s[:3] for k, s in stats.items()}
+    )
     before = _snapshot(bank)
     packed = {k: pack_bits(m[3:], group_dims=1) for k, m in masks.items()}
     new_stats = {k: s[3:] for k, s in stats.items()}
@@ -208,7 +227,8 @@ def test_duplicate_task_raises() -> None:
 
 def test_unknown_task_raises_key_error_naming_it() -> None:
     bank = _bank([0, 1, 2], {k: m[:3] for k, m in _random_masks(3).items()})
-    with pytest.raises(KeyError, match=r"task 42 was never learned; the bank holds tasks \[0, 1, 2\]"):
+    held = r"task 42 was never learned; the bank holds tasks \[0, 1, 2\]"
+    with pytest.raises(KeyError, match=held):
         bank.mask(42, "fc1")
     with pytest.raises(KeyError, match="task 42"):
         bank.rows([0, 42])
@@ -246,8 +266,9 @@ def test_many_single_adds_keep_every_row() -> None:
         bank.add(i, {k: m[i] for k, m in masks.items()})
     for key in SHAPES:
         assert torch.equal(bank.masks(list(range(40)), key), masks[key])
-        torch.testing.assert_close(bank.mixture(key, bank.rows(None), torch.ones(40)),
-                                   masks[key].sum(0))
+        torch.testing.assert_close(
+            bank.mixture(key, bank.rows(None), torch.ones(40)), masks[key].sum(0)
+        )
 
 
 def test_nbytes_of_2500_lenet_tasks_is_at_most_a_thirtieth_of_float32() -> None:
@@ -261,8 +282,12 @@ def test_nbytes_of_2500_lenet_tasks_is_at_most_a_thirtieth_of_float32() -> None:
         bank = MaskBank(shapes)
         bank.extend_packed(
             list(range(num_tasks)),
-            {k: torch.randint(0, 256, (num_tasks, packed_size(math.prod(s))), dtype=torch.uint8,
-                              generator=g) for k, s in shapes.items()},
+            {
+                k: torch.randint(
+                    0, 256, (num_tasks, packed_size(math.prod(s))), dtype=torch.uint8, generator=g
+                )
+                for k, s in shapes.items()
+            },
         )
         return bank.nbytes()
 

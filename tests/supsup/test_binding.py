@@ -4,6 +4,8 @@ managers that always restore what was bound before."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,12 @@ class _FloatStackBinding:
         return None
 
 
+@functools.cache
 def _trained_bank(name: str) -> tuple[SupermaskNet, MaskBank]:
-    """A network and a bank of TASKS exported from TaskScores whose BN statistics have moved."""
+    """A network and a bank of TASKS exported from TaskScores whose BN statistics have moved.
+
+    Cached: tests only read the bank and set the network's mode themselves.
+    """
     net = build_network(SPECS[name])
     scores = TaskScores(net, TASKS)
     g = torch.Generator().manual_seed(1)
@@ -74,8 +80,7 @@ def test_one_hot_alphas_equal_single_task(name: str) -> None:
 @pytest.mark.parametrize("order", ["bank", "reversed", "subset"])
 @pytest.mark.parametrize("alpha_kind", ["uniform", "random"])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_alpha_gradient_equals_float_stack_autograd(name: str, alpha_kind: str,
-                                                    order: str) -> None:
+def test_alpha_gradient_equals_float_stack_autograd(name: str, alpha_kind: str, order: str) -> None:
     net, bank = _trained_bank(name)
     task_ids = {"bank": TASKS, "reversed": TASKS[::-1], "subset": [3, 5]}[order]
     k = len(task_ids)
@@ -168,38 +173,42 @@ def test_batchnorm_uses_bank_statistics_in_eval_mode() -> None:
     net.eval()
     bns = net.bn_layers()
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [bn.register_forward_hook(
-        lambda m, args, out: seen.__setitem__(m.key, (args[0], out))) for bn in bns.values()]
-    before = {key: bank.bn_stats(TASKS, key) for key in bns}
-    x = _x(net, BATCH)
-    with torch.no_grad():
-        for task_id in (5, 3):
-            with use_task(net, bank, task_id):
-                out = net(x)
-                # Eval mode: each example is normalised alone, whatever else is in the batch.
-                torch.testing.assert_close(net(x[:1]), out[:1], rtol=1e-5, atol=1e-5)
-                net(x)  # refill `seen` with the full batch
+    hooks = [
+        bn.register_forward_hook(lambda m, args, out: seen.__setitem__(m.key, (args[0], out)))
+        for bn in bns.values()
+    ]
+    try:
+        before = {key: bank.bn_stats(TASKS, key) for key in bns}
+        x = _x(net, BATCH)
+        with torch.no_grad():
+            for task_id in (5, 3):
+                with use_task(net, bank, task_id):
+                    out = net(x)
+                    # Eval mode: each example is normalised alone, whatever else is in the batch.
+                    torch.testing.assert_close(net(x[:1]), out[:1], rtol=1e-5, atol=1e-5)
+                    net(x)  # refill `seen` with the full batch
+                for key, bn in bns.items():
+                    mean, var = bank.bn_stats(task_id, key)
+                    assert not torch.equal(mean, torch.zeros_like(mean))  # the stats really moved
+                    inp, got = seen[key]
+                    expected = (inp - mean[:, None, None]) / (var[:, None, None] + bn.eps).sqrt()
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            with use_tasks(net, bank, [5, 3]):  # group mode: the folded channels of each task
+                net(_x(net, 2, BATCH))
             for key, bn in bns.items():
-                mean, var = bank.bn_stats(task_id, key)
-                assert not torch.equal(mean, torch.zeros_like(mean))  # the stats really moved
+                stats = bank.bn_stats([5, 3], key)  # (2, 2, C)
+                mean, var = stats[:, 0].reshape(-1), stats[:, 1].reshape(-1)
                 inp, got = seen[key]
                 expected = (inp - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        with use_tasks(net, bank, [5, 3]):  # group mode: the folded channels of each task
-            net(_x(net, 2, BATCH))
-        for key, bn in bns.items():
-            stats = bank.bn_stats([5, 3], key)  # (2, 2, C)
-            mean, var = stats[:, 0].reshape(-1), stats[:, 1].reshape(-1)
-            inp, got = seen[key]
-            expected = (inp - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for h in hooks:
-        h.remove()
+    finally:  # the network is shared by the module's tests
+        for h in hooks:
+            h.remove()
     for key in bns:  # evaluation never writes back into the bank
         assert torch.equal(bank.bn_stats(TASKS, key), before[key])
 
 
-def test_train_mode_task_does_not_write_into_bank() -> None:
+def test_task_in_batch_statistics_mode_never_writes_into_bank() -> None:
     net, bank = _trained_bank("conv")
     before = {key: bank.bn_stats(TASKS, key) for key in net.bn_layers()}
     with torch.no_grad(), use_task(net, bank, 0):

@@ -80,8 +80,9 @@ def test_fan_in_of_each_layer_type() -> None:
     assert MaskedConv2d(3, 4, (3, 2)).fan_in == 18
 
 
-@pytest.mark.parametrize(("layer", "n"), [(MaskedLinear(784, 300), 235200),
-                                          (MaskedConv2d(32, 64, 3), 18432)])
+@pytest.mark.parametrize(
+    ("layer", "n"), [(MaskedLinear(784, 300), 235200), (MaskedConv2d(32, 64, 3), 18432)]
+)
 def test_signs_are_balanced(layer: MaskedLayer, n: int) -> None:
     weight = _net(layer, seed=11).body[0].weight
     assert weight.numel() == n
@@ -93,8 +94,9 @@ def test_signs_are_balanced(layer: MaskedLayer, n: int) -> None:
 
 
 def test_layer_index_keys_the_weights() -> None:
-    net = SupermaskNet(nn.Sequential(MaskedLinear(30, 30), MaskedLinear(30, 30)),
-                       NetworkSpec(seed=2))
+    net = SupermaskNet(
+        nn.Sequential(MaskedLinear(30, 30), MaskedLinear(30, 30)), NetworkSpec(seed=2)
+    )
     a, b = net.body[0], net.body[1]
     assert (a.layer_index, b.layer_index) == (0, 1)
     assert not torch.equal(a.weight, b.weight)
@@ -121,7 +123,7 @@ def test_group_mode_equals_single_task_outputs(kind: str, rule: str) -> None:
         else:  # conv folds the group into channels: (B, G * C_out, H, W)
             c_out = single.shape[1]
             assert grouped.shape == (BATCH, GROUP * c_out, *single.shape[2:])
-            part = grouped[:, g * c_out:(g + 1) * c_out]
+            part = grouped[:, g * c_out : (g + 1) * c_out]
         torch.testing.assert_close(part, single, rtol=1e-5, atol=1e-6)
 
 

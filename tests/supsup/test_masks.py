@@ -32,9 +32,7 @@ def _scores(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize(("shape", "group_dims"), SHAPES)
-def test_forward_mask_is_exactly_binary(
-    rule: str, shape: tuple[int, ...], group_dims: int
-) -> None:
+def test_forward_mask_is_exactly_binary(rule: str, shape: tuple[int, ...], group_dims: int) -> None:
     mask = apply_rule(_scores(shape), rule, density=0.3, group_dims=group_dims)
     assert mask.shape == shape
     assert mask.dtype == torch.float32
@@ -138,8 +136,9 @@ def test_pack_bits_matches_numpy_and_round_trips(numel: int) -> None:
     assert torch.equal(unpack_bits(packed, numel), mask)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.uint8,
-                                   torch.int64])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bool, torch.uint8, torch.int64]
+)
 def test_pack_bits_accepts_any_binary_dtype(dtype: torch.dtype) -> None:
     mask = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1]).to(dtype)
     assert pack_bits(mask).tolist() == [0b10110001, 0b10000000]
@@ -155,8 +154,9 @@ def test_pack_bits_group_dims_packs_each_member() -> None:
     assert torch.equal(unpack_bits(packed, 105).reshape(masks.shape), masks)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0, 2, 1]),
-                                 torch.tensor([-1.0, 0.0])])
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0, 2, 1]), torch.tensor([-1.0, 0.0])]
+)
 def test_pack_bits_rejects_non_binary(bad: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="zeros and ones"):
         pack_bits(bad)

@@ -13,10 +13,12 @@ from supsup.masks import erdos_renyi_densities
 from supsup.networks import NetworkSpec, SupermaskNet, build_network
 from supsup.scores import TaskScores, layer_densities
 
-FC = NetworkSpec(name="fc", hidden=(40, 30), input_shape=(1, 6, 6), num_outputs=7, num_classes=5,
-                 seed=4)
-CONV = NetworkSpec(name="conv", width=4, input_shape=(2, 8, 8), num_outputs=7, num_classes=5,
-                   seed=4)
+FC = NetworkSpec(
+    name="fc", hidden=(40, 30), input_shape=(1, 6, 6), num_outputs=7, num_classes=5, seed=4
+)
+CONV = NetworkSpec(
+    name="conv", width=4, input_shape=(2, 8, 8), num_outputs=7, num_classes=5, seed=4
+)
 
 
 def _net(spec: NetworkSpec) -> SupermaskNet:
@@ -71,7 +73,8 @@ def test_export_gives_binary_masks_and_bn_stats() -> None:
         for m in masks.values():
             assert bool(((m == 0) | (m == 1)).all()) and not m.requires_grad
         assert {k: tuple(s.shape) for k, s in stats.items()} == {
-            k: (2, c) for k, c in net.bn_features().items()}
+            k: (2, c) for k, c in net.bn_features().items()
+        }
         for s in stats.values():  # fresh statistics: mean 0, variance 1
             assert torch.equal(s[0], torch.zeros_like(s[0]))
             assert torch.equal(s[1], torch.ones_like(s[1]))
@@ -80,7 +83,7 @@ def test_export_gives_binary_masks_and_bn_stats() -> None:
             assert torch.equal(exported[task_id][0][key], scores.hard_mask(key)[i])
 
 
-def test_train_mode_moves_each_tasks_bn_stats_and_export_sees_them() -> None:
+def test_running_stats_move_per_task_and_export_sees_them() -> None:
     net = _net(CONV)
     scores = TaskScores(net, [0, 1])
     g = torch.Generator().manual_seed(0)
@@ -88,8 +91,10 @@ def test_train_mode_moves_each_tasks_bn_stats_and_export_sees_them() -> None:
     x[1] = x[1] * 3 + 2  # task 1 sees differently scaled data from task 0
     with torch.no_grad(), use_scores(net, scores):
         net.eval()(x)
-        assert all(torch.equal(scores.bn_stats(k)[0], torch.zeros(2, c))
-                   for k, c in net.bn_features().items())  # eval mode leaves them alone
+        assert all(
+            torch.equal(scores.bn_stats(k)[0], torch.zeros(2, c))
+            for k, c in net.bn_features().items()
+        )  # eval mode leaves them alone
         net.train()(x)
     first = next(iter(net.bn_features()))
     mean, var = scores.bn_stats(first)

@@ -25,8 +25,10 @@ def test_derive_seed_is_stable_and_in_range() -> None:
 
 def test_distinct_purposes_give_distinct_seeds() -> None:
     purposes = ["weights", "scores", "batches", "split"]
-    seeds = [derive_seed(seed, purpose, index)
-             for seed, purpose, index in itertools.product(range(3), purposes, range(5))]
+    seeds = [
+        derive_seed(seed, purpose, index)
+        for seed, purpose, index in itertools.product(range(3), purposes, range(5))
+    ]
     assert len(set(seeds)) == len(seeds)
 
 

@@ -77,7 +77,7 @@ def test_group_gather_equals_per_task_get(kind: str) -> None:
         assert torch.equal(x[g], xs) and torch.equal(y[g], ys)
 
 
-def test_train_batches_cover_each_epoch_once() -> None:
+def test_one_epoch_covers_each_example_once() -> None:
     tasks = PermutedTasks(TRAIN, TEST, 2)
     batches = list(tasks.train_batches([1], batch_size=10, steps=6))  # exactly one epoch
     labels = torch.cat([y[0] for _, y in batches])
@@ -157,7 +157,8 @@ def test_eval_batches_cover_the_split_in_order() -> None:
 
 def test_task_id_out_of_range_raises() -> None:
     tasks = PermutedTasks(TRAIN, TEST, 6)
-    with pytest.raises(ValueError, match=r"task 6 is outside this permuted set of 6 tasks \(0..5\)"):
+    outside = r"task 6 is outside this permuted set of 6 tasks \(0..5\)"
+    with pytest.raises(ValueError, match=outside):
         tasks.get(6, "train", torch.arange(2))
     with pytest.raises(ValueError, match="task -1 is outside"):
         next(tasks.train_batches([0, -1], 4, 1))
@@ -166,7 +167,8 @@ def test_task_id_out_of_range_raises() -> None:
 
 
 def test_split_with_too_few_labels_raises() -> None:
-    with pytest.raises(ValueError, match="6 split tasks of 2 classes need 12 labels; the data has 10"):
+    too_few = "6 split tasks of 2 classes need 12 labels; the data has 10"
+    with pytest.raises(ValueError, match=too_few):
         SplitTasks(TRAIN, TEST, 6, classes_per_task=2)
     with pytest.raises(ValueError, match="classes_per_task must be >= 1"):
         SplitTasks(TRAIN, TEST, 2, classes_per_task=0)
@@ -209,8 +211,9 @@ def test_other_bad_inputs_raise() -> None:
 
 
 def test_split_data_is_a_fixed_disjoint_shuffle() -> None:
-    data = TensorData(torch.arange(50, dtype=torch.float32).reshape(50, 1, 1, 1),
-                      torch.arange(50) % 10)
+    data = TensorData(
+        torch.arange(50, dtype=torch.float32).reshape(50, 1, 1, 1), torch.arange(50) % 10
+    )
     train, test = split_data(data, 0.2, seed=4)
     assert (len(train), len(test)) == (40, 10)
     ids = torch.cat([train.x.flatten(), test.x.flatten()])
