@@ -118,7 +118,7 @@ class TrackingSection(_Section):
     uri: str | None = None  # default: sqlite under the run folder
     experiment: str | None = None
     model_name: str | None = None
-    alias: str = "latest"
+    alias: str = "champion"
     register_model: bool = True
     embed_masks_max_bytes: int = Field(64 * 2**20, ge=0)  # smaller banks travel inside the model
 

@@ -1,0 +1,137 @@
+"""The `supsup` command end to end on real Ray, real MLflow and real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.registry import MaskRegistry
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    (root / "exp.yaml").write_text(yaml.safe_dump({
+        "name": "clitest",
+        "output_dir": str(root / "runs"),
+        "network": {"name": "lenet", "num_outputs": 100},
+        "tasks": {"family": "permuted", "num_tasks": 6},
+        "train": {"steps": 60, "group_size": 3, "log_every": 30},
+        "evaluate": {"group_size": 3, "curve_points": 3, "max_batches": 3},
+        "registry": {"root": str(root / "registry")},
+        "tracking": {"alias": "champion"},
+    }))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local: None, project: Path) -> Path:
+    assert main(["run", str(project / "exp.yaml")]) == 0
+    return project
+
+
+def test_run_trains_registers_and_evaluates(trained: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    registry = MaskRegistry(config.registry.root)
+    assert registry.tasks("clitest") == list(range(6))
+    report = json.loads((config.run_dir / "evaluation" / "report.json").read_text())
+    # 60 RMSprop steps on permuted digits give ~75% accuracy; one-shot inference over 6 masks
+    # finds the task of a 128-image batch from one image nearly always (chance: 1/6).
+    assert report["summary"]["task_inference_accuracy"] >= 0.9
+    assert report["summary"]["accuracy_gg"] >= 0.5
+    assert [c["tasks_learned"] for c in report["curve"]] == [2, 4, 6]
+    for name in ("report.md", "curve.png", "confusion.png"):
+        assert (config.run_dir / "evaluation" / name).stat().st_size > 0
+    assert (config.run_dir / "training.png").stat().st_size > 0
+
+
+def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    capsys.readouterr()
+    assert main(["lookup", "models:/clitest@champion", "--tracking-uri",
+                 config.tracking_uri]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bank"] == "clitest" and info["version"] == 1
+    assert info["snapshot"]["tasks"] == 6
+    assert main(["lookup", "models:/clitest@champion", "--task", "4", "--tracking-uri",
+                 config.tracking_uri]) == 0
+    task = json.loads(capsys.readouterr().out)
+    assert task["task_id"] == 4 and 0 < task["metadata"]["density"] < 1
+
+
+def test_evaluate_model_uri(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    capsys.readouterr()
+    code = main(["evaluate", "models:/clitest@champion", "--tracking-uri", config.tracking_uri,
+                 "--set", "evaluate.curve_points=0", "--set", "evaluate.method=binary"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "task inference" in out
+    report = json.loads((config.run_dir / "evaluation" / "report.json").read_text())
+    assert report["settings"]["method"] == "binary"
+    assert report["summary"]["task_inference_accuracy"] >= 0.9
+
+
+def test_registry_commands(trained: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    root = config.registry.root
+    capsys.readouterr()
+    assert main(["registry", "ls", "--root", root]) == 0
+    assert "clitest: 6 tasks (0..5), network lenet seed 0" in capsys.readouterr().out
+    assert main(["registry", "verify", "clitest", "--root", root]) == 0
+    assert "6 tasks ok, 0 with problems" in capsys.readouterr().out
+    dest = tmp_path / "bank.parquet"
+    assert main(["registry", "export", "clitest", "--root", root, "--dest", str(dest)]) == 0
+    assert dest.stat().st_size > 0
+
+
+def test_altered_registry_file_is_reported(trained: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    copy = tmp_path / "registry"
+    import shutil
+
+    shutil.copytree(config.registry.root, copy)
+    victim = sorted((copy / "clitest" / "tasks").glob("*.parquet"))[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated
+    capsys.readouterr()
+    assert main(["registry", "verify", "clitest", "--root", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "5 tasks ok, 1 with problems" in out and "task 2" in out
+    # The original registry is untouched.
+    assert MaskRegistry(config.registry.root).verify("clitest").problems == {}
+
+
+def test_bad_config_exits_with_named_key(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  density: 0\n  rule: topk\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: train.density" in err
+    assert main(["train", str(path), "--set", "network.name=nope"]) == 2
+    assert "network.name" in capsys.readouterr().err
+
+
+def _bits(registry: MaskRegistry, bank: str) -> dict[int, dict[str, bytes]]:
+    return {t: {k: np.asarray(v).tobytes() for k, v in registry.read_task(bank, t).packed.items()}
+            for t in registry.tasks(bank)}
+
+
+def test_same_command_again_resumes_without_training(trained: Path) -> None:
+    config = load_config(trained / "exp.yaml")
+    registry = MaskRegistry(config.registry.root)
+    before = _bits(registry, "clitest")
+    assert main(["train", str(trained / "exp.yaml")]) == 0
+    assert _bits(registry, "clitest") == before
