@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from supsup.bank import MaskBank
-from supsup.binding import use_task
+from supsup.binding import use_scores, use_task
 from supsup.inference import infer_task
 from supsup.networks import SupermaskNet
+from supsup.scores import TaskScores
 from supsup.tasks import TaskSet
 
 
@@ -142,3 +143,34 @@ def summarize(results: Sequence[TaskEvaluation]) -> dict[str, float]:
         out["task_inference_accuracy"] = sum(
             r.task_inference_accuracy * r.inferences for r in results) / inf
     return out
+
+
+def scores_accuracy(
+    net: SupermaskNet,
+    scores: TaskScores,
+    tasks: TaskSet,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    max_batches: int | None = None,
+) -> list[float]:
+    """Accuracy of each task's current masks (still being trained) on `split`, in group mode.
+
+    Every task is scored on the same number of examples (the smallest split among the group,
+    capped by `max_batches`), so the group runs as one vectorised forward per batch.
+    """
+    ids = scores.task_ids
+    n = min(tasks.size(t, split) for t in ids)
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    if n == 0:
+        raise ValueError(f"no {split} examples to score tasks {ids}")
+    device = next(iter(net.masked_layers().values())).weight.device
+    correct = torch.zeros(len(ids))
+    with use_scores(net, scores), torch.no_grad():
+        for start in range(0, n, batch_size):
+            pos = torch.arange(start, min(n, start + batch_size)).expand(len(ids), -1)
+            x, y = tasks.get_group(ids, split, pos)
+            logits = net(x.to(device))[..., : tasks.num_classes]
+            correct += (logits.argmax(-1).cpu() == y).float().sum(1)
+    return (correct / n).tolist()

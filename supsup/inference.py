@@ -103,8 +103,10 @@ def alpha_gradients(
 
 
 def _confidence(grads: torch.Tensor) -> torch.Tensor:
+    if grads.shape[-1] == 1:  # one candidate: certain, and std() of one value is undefined
+        return torch.ones(grads.shape[:-1])
     z = -(grads - grads.mean(-1, keepdim=True)) / (grads.std(-1, keepdim=True) + 1e-12)
-    return z.softmax(-1).amax(-1) if grads.shape[-1] > 1 else torch.ones(grads.shape[:-1])
+    return z.softmax(-1).amax(-1)
 
 
 def infer_task(

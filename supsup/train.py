@@ -66,6 +66,9 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.log_every < 1 or self.warmup_steps < 0:
+            raise ValueError(f"log_every must be >= 1 and warmup_steps >= 0, got "
+                             f"{self.log_every}, {self.warmup_steps}")
 
     def num_steps(self, train_size: int) -> int:
         if self.epochs is None:
@@ -83,6 +86,7 @@ class TrainProgress:
     loss: list[float]  # per task, mean over the window
     accuracy: list[float]  # per task, training accuracy over the window
     seconds: float
+    val_accuracy: list[float] | None = None  # per task, when train_group got `validate`
 
 
 @dataclass
@@ -127,10 +131,13 @@ def train_group(
     device: torch.device | str | None = None,
     callback: Callable[[TrainProgress], None] | None = None,
     scores: TaskScores | None = None,
+    validate: Callable[[TaskScores], list[float]] | None = None,
 ) -> TrainResult:
     """Learn the masks of `task_ids` together; returns binary masks on the CPU.
 
     `scores` may carry on from earlier training; by default fresh scores are drawn per task.
+    `validate(scores)` is called at every log point (network in eval mode, no grad, the scores
+    bound) and its per-task values travel in TrainProgress.val_accuracy, e.g. for early stopping.
     """
     config = config or TrainConfig()
     task_ids = [tasks.check_task(t) for t in task_ids]
@@ -178,9 +185,15 @@ def train_group(
                 window_correct += (logits[..., : tasks.num_classes].argmax(-1) == y).float().mean(1)
                 window_n += 1
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
+                val = None
+                if validate is not None:
+                    net.eval()
+                    with torch.no_grad():
+                        val = [float(v) for v in validate(scores)]
+                    net.train()
                 last = TrainProgress(
                     task_ids, step + 1, steps, (window_loss / window_n).tolist(),
-                    (window_correct / window_n).tolist(), time.perf_counter() - start,
+                    (window_correct / window_n).tolist(), time.perf_counter() - start, val,
                 )
                 history.append(last)
                 window_loss.zero_()
