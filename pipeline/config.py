@@ -127,6 +127,10 @@ class ExperimentConfig(_Section):
     name: str = "supsup"
     seed: int = 0
     output_dir: str = "runs"
+    # `scale: reduced` applies the `reduced` overrides (dotted keys, as with --set): the same
+    # experiment at a size that runs on the bundled data in minutes.
+    scale: Literal["full", "reduced"] = "full"
+    reduced: dict[str, Any] = Field(default_factory=dict)
     network: NetworkSection = NetworkSection()
     data: DataSection = DataSection()
     tasks: TasksSection = TasksSection()
@@ -241,9 +245,20 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [], source)
+    overrides = overrides or []
+    merged = apply_overrides(raw, overrides, source)
+    if merged.get("scale") == "reduced":
+        reduced = merged.get("reduced") or {}
+        if not isinstance(reduced, dict):
+            raise ConfigError(f"{source}: reduced: expected a mapping of dotted keys to values")
+        # The reduced block first, then the command line again, so --set always wins.
+        items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                 for k, v in reduced.items()]
+        items = [i[:-4] if i.endswith("\n...") else i for i in items]
+        merged = apply_overrides(apply_overrides(raw, items, source), overrides, source)
+        merged["reduced"] = {}  # resolved: a dumped config reloads to the same values
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
 

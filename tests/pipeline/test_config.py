@@ -100,3 +100,23 @@ def test_dump_round_trips_and_derived_values(tmp_path: Path) -> None:
 def test_bad_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="name"):
         parse_config({"name": "a/b"})
+
+
+def test_reduced_scale_switch_and_command_line_wins() -> None:
+    raw = {"name": "x", "tasks": {"num_tasks": 250},
+           "reduced": {"tasks.num_tasks": 5, "data.dataset": "mnist-bundled", "data.root": None}}
+    full = parse_config(raw)
+    assert full.tasks.num_tasks == 250 and full.scale == "full"
+    small = parse_config(raw, overrides=["scale=reduced"])
+    assert small.tasks.num_tasks == 5 and small.data.dataset == "mnist-bundled"
+    mine = parse_config(raw, overrides=["scale=reduced", "tasks.num_tasks=7"])
+    assert mine.tasks.num_tasks == 7
+    assert parse_config(yaml.safe_load(dump_config(mine))) == mine
+    with pytest.raises(ConfigError, match=r"unknown key 'tasks\.bogus'"):
+        parse_config({**raw, "reduced": {"tasks.bogus": 1}}, overrides=["scale=reduced"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_reduced(path: Path) -> None:
+    config = load_config(path, ["scale=reduced"])
+    assert config.scale == "reduced"
