@@ -328,10 +328,9 @@ class MaskBank:
         block = max(256, min(nbytes, _BLOCK_ELEMENTS // max(1, k)))
         for b0 in range(0, nbytes, block):
             b1 = min(nbytes, b0 + block)
-            table = g[b0:b1] @ table_bits.T  # (block, 256)
-            offsets = torch.arange(b1 - b0, device=self.device) * 256
-            idx = packed[:, b0:b1].to(torch.long) + offsets  # (k, block)
-            out += table.reshape(-1)[idx].sum(1)
+            table = table_bits @ g[b0:b1].T  # (256, block): column b is byte position b's table
+            idx = packed[:, b0:b1].to(torch.long)  # (k, block)
+            out += torch.gather(table, 0, idx).sum(1)
         return out
 
     def alpha_gradient_batched(

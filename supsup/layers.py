@@ -113,7 +113,9 @@ class MaskedLinear(MaskedLayer):
                 f"{self.key}: expected input (G={groups}, B, {self.in_features}), "
                 f"got {tuple(x.shape)}"
             )
-        return torch.bmm(x, w.transpose(1, 2))
+        # (W x^T)^T rather than x W^T: the weight gradient then comes out in W's own layout,
+        # so the straight-through multiply by W needs no copy in the backward pass.
+        return torch.bmm(w, x.transpose(1, 2)).transpose(1, 2)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, layer_index={self.layer_index}"
