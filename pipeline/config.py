@@ -73,6 +73,9 @@ class TrainSection(_Section):
     group_size: int = Field(10, ge=1)  # tasks trained together by one worker
     max_in_flight: int | None = Field(None, ge=1)  # groups at once; default: worker slots
     max_retries: int = Field(2, ge=0)  # per group, when a worker dies
+    # > 1: each task is trained by this many Ray Train workers (data parallel), one task at a time
+    data_parallel_workers: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # data-parallel collectives; auto: by device
 
     @field_validator("density")
     @classmethod
@@ -123,6 +126,104 @@ class TrackingSection(_Section):
     embed_masks_max_bytes: int = Field(64 * 2**20, ge=0)  # smaller banks travel inside the model
 
 
+class SweepDomain(_Section):
+    """Where one swept config field takes its values: exactly one of the four kinds."""
+
+    grid: list[Any] | None = Field(None, min_length=1)  # every value, in every combination
+    choice: list[Any] | None = Field(None, min_length=1)  # one value drawn per sample
+    uniform: tuple[float, float] | None = None  # [low, high]
+    loguniform: tuple[float, float] | None = None  # [low, high], both > 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SweepDomain:
+        kinds = [k for k in ("grid", "choice", "uniform", "loguniform")
+                 if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of grid: [..], choice: [..], uniform: [low, high] "
+                             f"or loguniform: [low, high], got {kinds or 'none'}")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"a range needs low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform bounds must be > 0, got {list(self.loguniform)}")
+        return self
+
+
+class SweepScheduler(_Section):
+    """Early stopping of trials; time is counted in log points (train.log_every steps)."""
+
+    type: Literal["none", "asha"] = "none"
+    grace_period: int = Field(1, ge=1)  # log points every trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps 1/reduction_factor at each rung
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if data is None:
+            return {"type": "none"}
+        return {"type": data} if isinstance(data, str) else data
+
+
+class SweepSection(_Section):
+    """A hyper-parameter search (`supsup sweep`): the space is data, keyed by dotted config paths.
+
+    Every key must name a field of the config (checked here, at load time); every value is checked
+    against the config by pipeline.sweep before any trial starts.
+    """
+
+    space: dict[str, SweepDomain]
+    num_samples: int = Field(1, ge=1)  # draws of the space (a grid is repeated this many times)
+    metric: Literal["val_accuracy", "train_accuracy", "train_loss", "density",
+                    "compressed_bytes_per_task"] = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    sample_tasks: int = Field(2, ge=1)  # tasks trained per trial: task ids 0..sample_tasks-1
+    tasks: list[int] | None = Field(None, min_length=1)  # explicit task ids instead
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # of the train data, held out for selection
+    scheduler: SweepScheduler = SweepScheduler()
+    max_concurrent: int | None = Field(None, ge=1)  # trials at once; default: what fits
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, v: dict[str, SweepDomain]) -> dict[str, SweepDomain]:
+        if not v:
+            raise ValueError("the search space is empty: add a dotted config key, e.g. "
+                             "train.density: {grid: [0.05, 0.1]}")
+        for path in v:
+            _check_config_path(path)
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"tasks must be distinct non-negative task ids, got {v}")
+        return v
+
+
+def _check_config_path(path: str) -> None:
+    """ValueError unless `path` (e.g. "train.density") names a value field of ExperimentConfig."""
+    parts = path.split(".")
+    if parts[0] == "sweep":
+        raise ValueError(f"{path!r}: the sweep section cannot sweep itself")
+    model: type[BaseModel] = ExperimentConfig
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the top level"
+        fields = model.model_fields
+        if part not in fields:
+            raise ValueError(f"unknown config field {path!r}: {where} has no field {part!r} "
+                             f"(fields: {', '.join(sorted(fields))})")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if i < len(parts) - 1 and not is_section:
+            raise ValueError(f"unknown config field {path!r}: "
+                             f"{'.'.join(parts[:i + 1])} is a value, not a section")
+        if i == len(parts) - 1 and is_section:
+            raise ValueError(f"{path!r} is a whole section: sweep one of its fields, "
+                             f"e.g. {path}.{next(iter(annotation.model_fields))}")
+        if is_section:
+            model = annotation
+
+
 class ExperimentConfig(_Section):
     name: str = "supsup"
     seed: int = 0
@@ -139,6 +240,7 @@ class ExperimentConfig(_Section):
     cluster: ClusterSection = ClusterSection()
     registry: RegistrySection = RegistrySection()
     tracking: TrackingSection = TrackingSection()
+    sweep: SweepSection | None = None
 
     @field_validator("name")
     @classmethod

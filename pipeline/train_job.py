@@ -120,6 +120,21 @@ def run_training(
         log.info("all %d tasks of bank %r are already in the registry", total, config.bank)
         return summary
     start = time.perf_counter()
+    if config.train.data_parallel_workers > 1:  # each task too big for one worker: Ray Train
+        from pipeline.distributed import train_task_distributed
+
+        with ray_session(config.cluster, address):
+            for t in [t for t in all_ids if t not in done]:
+                r = train_task_distributed(config, t, address=address)
+                done.add(t)
+                summary.trained[t] = {k: float(v) for k, v in r.items() if k != "task_id"
+                                      and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                if on_task:
+                    on_task(r)
+                if progress:
+                    progress(len(done & set(all_ids)), total)
+        summary.seconds = time.perf_counter() - start
+        return summary
     config_data = config.model_dump()
     with ray_session(config.cluster, address) as resources:
         slots = worker_slots(config.cluster, resources)

@@ -307,6 +307,15 @@ class MaskBank:
             out += alphas[start:start + step] @ bits
         return out.reshape(self.layer_shapes[key])
 
+    def mixed_bn_stats(self, key: str, rows: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        """(2, C) BN statistics mixed like the masks, sum_i alphas_i stats_i / sum alphas.
+
+        Constants for the alpha gradient, which flows through the masks only.
+        """
+        stats = self._bn_store[key][: self.num_tasks][rows]  # (k, 2, C)
+        w = alphas.detach().to(self.device, torch.float32)
+        return torch.einsum("k,kdc->dc", w, stats) / w.sum()
+
     def alpha_gradient(self, key: str, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """sum_j grad_j M_{rows_i, j} for each row i: (len(rows),). `grad` has the weight's size.
 

@@ -115,7 +115,7 @@ class _Superposition(torch.autograd.Function):
 
 
 class _AlphaBinding:
-    """W * sum_i alpha_i M_i over `rows` of the bank; BN falls back to batch statistics."""
+    """W * sum_i alpha_i M_i over `rows` of the bank; BN uses the alpha-mixed task statistics."""
 
     group = None
 
@@ -131,8 +131,9 @@ class _AlphaBinding:
         mix = _Superposition.apply(self.alphas, self.bank, layer.key, self.rows)
         return mix.to(layer.weight.device)
 
-    def bn_stats(self, layer: TaskBatchNorm2d) -> None:
-        return None
+    def bn_stats(self, layer: TaskBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.bank.mixed_bn_stats(layer.key, self.rows, self.alphas)
+        return s[0], s[1]
 
 
 class _ScoresBinding:

@@ -243,9 +243,10 @@ class MaskDiscovery:
         Returns the decision made on this batch, or None between checks.
         """
         self.net.check_input(x)
-        if y.dim() != 1 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
+        if y.dim() != 1 or y.shape[0] != x.shape[0] or x.shape[0] == 0 or y.is_floating_point():
             raise ValueError(f"batch {len(self.mask_per_batch)}: labels must have shape "
-                             f"(B,) = ({x.shape[0]},) with B >= 1, got {tuple(y.shape)}")
+                             f"(B,) = ({x.shape[0]},) with B >= 1 and an integer dtype, got "
+                             f"{tuple(y.shape)} {y.dtype}")
         outputs = self.net.spec.num_outputs
         if int(y.min()) < 0 or int(y.max()) >= outputs:
             raise ValueError(f"batch {len(self.mask_per_batch)}: labels must lie in "

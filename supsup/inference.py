@@ -53,18 +53,25 @@ class InferenceResult:
 
 
 class _MixtureBinding:
-    """Masks are leaf tensors holding sum_i alpha_i M_i, so autograd gives dObj/dmixture."""
+    """Masks are leaf tensors holding sum_i alpha_i M_i, so autograd gives dObj/dmixture.
+
+    BatchNorm layers use the alpha-weighted mean of the candidates' own statistics: batch
+    statistics would be undefined for the single image of the paper's protocol.
+    """
 
     group = None
 
-    def __init__(self, mixtures: dict[str, torch.Tensor]) -> None:
+    def __init__(self, mixtures: dict[str, torch.Tensor],
+                 bn: dict[str, torch.Tensor] | None = None) -> None:
         self.mixtures = mixtures
+        self.bn = bn or {}
 
     def mask(self, layer: MaskedLayer) -> torch.Tensor:
         return self.mixtures[layer.key]
 
-    def bn_stats(self, layer: TaskBatchNorm2d) -> None:
-        return None
+    def bn_stats(self, layer: TaskBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.bn[layer.key]
+        return s[0], s[1]
 
 
 def alpha_gradients(
@@ -87,9 +94,15 @@ def alpha_gradients(
         key: bank.mixture(key, rows, alphas).to(device).requires_grad_(True)
         for key in net.layer_shapes()
     }
+    bn = {key: bank.mixed_bn_stats(key, rows, alphas).to(device) for key in net.bn_features()}
     objective_fn = get_objective(objective, net.spec.num_classes)
-    with bind(net, _MixtureBinding(mixtures)):
-        obj = objective_fn(net(x.to(device)))  # (B,)
+    was_training = net.training
+    net.eval()  # stored BN statistics, never an update of them
+    try:
+        with bind(net, _MixtureBinding(mixtures, bn)):
+            obj = objective_fn(net(x.to(device)))  # (B,)
+    finally:
+        net.train(was_training)
     leaves = list(mixtures.values())
     if per_example:
         eye = torch.eye(obj.shape[0], device=device)

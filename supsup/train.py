@@ -4,6 +4,8 @@ Only scores are optimised; the base weights never receive a gradient (Section 3.
 tasks shares the frozen weights and trains G score tensors with batched matmuls. The group loss is
 the *sum* of each task's mean cross-entropy and every optimiser here acts elementwise, so each task
 follows exactly the updates it would get alone: group composition never changes a task's mask.
+With `epochs`, tasks of unequal train size need unequal step counts, so such a group is trained as
+one sub-group per step count.
 Progress goes to a callback; the library never prints.
 """
 
@@ -99,9 +101,10 @@ class TrainResult:
     loss: dict[int, float]
     accuracy: dict[int, float]
     density: dict[int, float]
-    steps: int
+    steps: int  # the most any task took; `task_steps` has each task's own count
     seconds: float
     history: list[TrainProgress] = field(default_factory=list)
+    task_steps: dict[int, int] = field(default_factory=dict)
 
 
 def _optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
@@ -147,6 +150,19 @@ def train_group(
     if tasks.num_classes > net.spec.num_outputs:
         raise ValueError(f"the tasks have {tasks.num_classes} classes but the network only "
                          f"{net.spec.num_outputs} outputs")
+    own_steps = {t: config.num_steps(tasks.size(t, "train")) for t in task_ids}
+    if len(set(own_steps.values())) > 1:
+        # `epochs` gives tasks of unequal size unequal step counts; one shared loop would give
+        # every task the group's smallest count and make its mask depend on its group.
+        if scores is not None:
+            raise ValueError(f"epochs gives these tasks different step counts {own_steps}; "
+                             "carry scores on only for tasks of one train size, or use steps")
+        parts = [
+            train_group(net, tasks, [t for t in task_ids if own_steps[t] == n], config,
+                        device=device, callback=callback, validate=validate)
+            for n in sorted(set(own_steps.values()))
+        ]
+        return _merge(task_ids, parts)
     device = torch.device(device) if device is not None else _net_device(net)
     net.to(device)
     if scores is None:
@@ -158,7 +174,7 @@ def train_group(
     params = list(scores.parameters())
     opt = _optimizer(params, config)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    steps = config.num_steps(min(tasks.size(t, "train") for t in task_ids))
+    steps = own_steps[task_ids[0]]
     window_loss = torch.zeros(len(task_ids), device=device)
     window_correct = torch.zeros(len(task_ids), device=device)
     window_n = 0
@@ -213,6 +229,21 @@ def train_group(
         steps=steps,
         seconds=time.perf_counter() - start,
         history=history,
+        task_steps=dict(own_steps),
+    )
+
+
+def _merge(task_ids: list[int], parts: list[TrainResult]) -> TrainResult:
+    """One result, in `task_ids` order, from groups trained one after the other."""
+    def gather(name: str) -> dict:
+        merged = {t: v for p in parts for t, v in getattr(p, name).items()}
+        return {t: merged[t] for t in task_ids}
+
+    return TrainResult(
+        task_ids=task_ids, masks=gather("masks"), bn_stats=gather("bn_stats"),
+        loss=gather("loss"), accuracy=gather("accuracy"), density=gather("density"),
+        steps=max(p.steps for p in parts), seconds=sum(p.seconds for p in parts),
+        history=[h for p in parts for h in p.history], task_steps=gather("task_steps"),
     )
 
 

@@ -154,9 +154,13 @@ def test_mask_and_effective_weight_agree_with_hard_mask(rule: str) -> None:
         assert torch.equal(weight.detach(), layer.weight * scores.hard_mask(key))
         (grad_fused,) = torch.autograd.grad((weight * upstream).sum(), param)
         (grad_plain,) = torch.autograd.grad((layer.weight * mask * upstream).sum(), param)
-        # Straight-through: dL/dscores = dL/dW_eff * W, whichever way W * M was built.
-        torch.testing.assert_close(grad_fused, upstream * layer.weight, rtol=0, atol=0)
-        torch.testing.assert_close(grad_plain, upstream * layer.weight, rtol=0, atol=0)
+        # Straight-through: dL/dscores = dL/dW_eff * W, whichever way W * M was built (top-k
+        # ranks |scores|, so its gradient also carries sign(scores)).
+        expected = upstream * layer.weight
+        if rule == "topk":
+            expected = expected * param.detach().sign()
+        torch.testing.assert_close(grad_fused, expected, rtol=0, atol=0)
+        torch.testing.assert_close(grad_plain, expected, rtol=0, atol=0)
 
 
 def test_bad_task_lists_and_rules_raise() -> None:
