@@ -73,7 +73,7 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
         stats = {k: s.numpy() for k, s in result.bn_stats[t].items()} or None
         metrics = {
             "train_accuracy": result.accuracy[t], "train_loss": result.loss[t],
-            "density": result.density[t], "seconds": seconds, "steps": result.steps,
+            "density": result.density[t], "seconds": seconds, "steps": result.task_steps[t],
         }
         status = registry.write_task(config.bank, t, packed, stats, metadata=metrics)
         out.append({"task_id": t, "status": status, **metrics})
