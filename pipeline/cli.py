@@ -44,6 +44,11 @@ class _Bar:
         self.bar.close()
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
 def _load(args: argparse.Namespace) -> Any:
     from pipeline.config import load_config
 
@@ -88,6 +93,12 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
             path = plot_training(summary.trained, config.run_dir / "training.png")
             if path:
                 tracker.log_artifact(path)
+        _write_json(config.run_dir / "train_summary.json", {
+            "bank": config.bank, "tasks_trained": len(summary.trained),
+            "tasks_skipped": len(summary.skipped), "seconds": summary.seconds,
+            "tasks_per_hour": summary.tasks_per_hour, "run_id": run_id,
+            "tasks": {str(t): m for t, m in sorted(summary.trained.items())},
+        })
         registry = MaskRegistry(config.registry.root)
         stored = registry.tasks(config.bank)
         if config.tracking.register_model and stored:
@@ -310,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--tracking-uri")
     lk.add_argument("--config")
     lk.set_defaults(fn=cmd_lookup, set=None)
+    from pipeline.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     g = sub.add_parser("registry", help="inspect the mask registry: ls, verify, export")
     g.add_argument("action", choices=["ls", "verify", "export"])
     g.add_argument("bank", nargs="?")

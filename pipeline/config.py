@@ -232,6 +232,12 @@ class ExperimentConfig(_Section):
     # experiment at a size that runs on the bundled data in minutes.
     scale: Literal["full", "reduced"] = "full"
     reduced: dict[str, Any] = Field(default_factory=dict)
+    # What is trained on the tasks: "supsup" (one supermask per task over the fixed random
+    # network); or a baseline of supsup.baselines, fc-family networks only: "dense" (a separate
+    # network trained per task, the upper bound), "batchensemble" (shared weights learned on the
+    # first task, then per-task rank-one fast weights), "psp" (one shared network trained on every
+    # task in turn, each task's layer inputs multiplied by its own random +-1 context).
+    model: Literal["supsup", "dense", "batchensemble", "psp"] = "supsup"
     network: NetworkSection = NetworkSection()
     data: DataSection = DataSection()
     tasks: TasksSection = TasksSection()
