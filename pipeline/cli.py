@@ -172,8 +172,37 @@ def _print_eval(report: Any, files: dict[str, Path]) -> None:
     print(f"report: {files['markdown']}")
 
 
+def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
+    """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
+    from pipeline.baseline_job import run_baseline
+    from pipeline.config import dump_config
+
+    with tracker.run(f"baseline-{config.model}", tags={"job": "baseline",
+                                                       "model": config.model}):
+        tracker.log_params(config.flat_params())
+        tracker.log_text(dump_config(config), "config.yaml")
+        bar = _Bar(f"{config.model} {config.name}")
+        try:
+            report = run_baseline(config, progress=bar)
+        finally:
+            bar.close()
+        for t, acc in report.get("accuracy", {}).items():
+            tracker.log_task_metrics(int(t), {"accuracy_gg": float(acc)})
+        tracker.log_metrics({"accuracy_gg": report["mean_accuracy"],
+                             "bytes_per_task": report["bytes_per_task"],
+                             "seconds": report["seconds"]})
+        tracker.log_artifact(report["path"], "baseline")
+    print(f"{config.model}: accuracy (task given) {100 * report['mean_accuracy']:.2f}% over "
+          f"{len(report.get('accuracy', {}))} tasks, {report['bytes_per_task']:,} bytes per task")
+    print(f"report: {report['path']}")
+    return report
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
+    if config.model != "supsup":
+        do_baseline(config, _tracker(config))
+        return 0
     summary = do_train(config, args.address, _tracker(config))
     _where(config, summary.model_version)
     return 0
@@ -182,6 +211,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     tracker = _tracker(config)
+    if config.model != "supsup":  # baselines are trained and evaluated in one job
+        do_baseline(config, tracker)
+        return 0
     summary = do_train(config, args.address, tracker)
     source = {"root": config.registry.root, "bank": config.bank}
     report, files = do_evaluate(config, source, args.address, tracker)
@@ -321,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--tracking-uri")
     lk.add_argument("--config")
     lk.set_defaults(fn=cmd_lookup, set=None)
+    from pipeline.results import add_results_parser
     from pipeline.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
+    add_results_parser(sub)
     g = sub.add_parser("registry", help="inspect the mask registry: ls, verify, export")
     g.add_argument("action", choices=["ls", "verify", "export"])
     g.add_argument("bank", nargs="?")

@@ -1,0 +1,271 @@
+"""docs/RESULTS.md: the paper's experiments at reduced scale, measured by this project's commands.
+
+`supsup results --run` runs every listed command (the reduced-scale switch of each config, in one
+output folder), then collects the reports they wrote into one Markdown table beside the paper's
+reported numbers, and copies the plots next to it. Without `--run` it only collects, so the table
+can be rebuilt from earlier runs. Every measured number is read from a report file a command wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row: a config at reduced scale, how it runs, and the paper's number it stands beside."""
+
+    label: str
+    config: str
+    kind: str  # supsup | baseline | sweep | discovery | reservoir
+    paper: str
+    overrides: tuple[str, ...] = ()
+
+    def command(self, out: str) -> list[str]:
+        verb = {"supsup": "run", "baseline": "train", "sweep": "sweep",
+                "discovery": "train", "reservoir": "train"}[self.kind]
+        sets = ["scale=reduced", f"output_dir={out}", f"registry.root={out}/registry",
+                *self.overrides]
+        return [verb, self.config, *[a for s in sets for a in ("--set", s)]]
+
+
+# The paper's numbers are quoted from its text and tables (NeurIPS 2020); they describe the full
+# protocols, which the reduced rows only approximate.
+ENTRIES: tuple[Entry, ...] = (
+    Entry("PermutedMNIST, LeNet (100 outputs)", "configs/permuted_mnist_250_lenet.yaml",
+          "supsup", "94.91% GN after 250 tasks (one-shot, one image)"),
+    Entry("PermutedMNIST, FC 1024-1024 (500 outputs, G)", "configs/permuted_mnist_250_fc1024.yaml",
+          "supsup", "250 tasks; GN with G above H (Fig. 5)"),
+    Entry("PermutedMNIST 2500 protocol, LeNet (500 outputs)", "configs/permuted_mnist_2500.yaml",
+          "supsup", "2500 tasks learned; one gradient step often finds the mask"),
+    Entry("RotatedMNIST (binary, full batch)", "configs/rotated_mnist_36.yaml", "supsup",
+          "36 tasks 10 degrees apart, binary inference"),
+    Entry("SplitMNIST (shared labels)", "configs/split_mnist.yaml", "supsup",
+          "5 tasks; the Hopfield variant recovers all masks"),
+    Entry("SplitCIFAR100 stand-in, ResNet-18 + ER (GG)", "configs/split_cifar100.yaml", "supsup",
+          "SplitCIFAR100 GG; lower bound 24.5%"),
+    Entry("Upper bound: dense net per task", "configs/permuted_mnist_250_lenet.yaml", "baseline",
+          "SplitImageNet upper bound 92.55% at 10222.81M bytes",
+          ("model=dense", "name=pmnist-dense")),
+    Entry("BatchEnsemble", "configs/permuted_mnist_250_lenet.yaml", "baseline",
+          "SplitImageNet BatchE 81.50% at 124.99M bytes",
+          ("model=batchensemble", "name=pmnist-batche")),
+    Entry("PSP", "configs/permuted_mnist_250_lenet.yaml", "baseline",
+          "compared on PermutedMNIST (Fig. 3)", ("model=psp", "name=pmnist-psp")),
+    Entry("Density sweep (top-k), Ray Tune", "configs/sweep_density.yaml", "sweep",
+          "SplitImageNet 89.58 / 88.68 / 86.37% at 195.18M / 100.98M / 65.50M bytes"),
+    Entry("Training without task identity (NNs)", "configs/nns_permuted.yaml", "discovery",
+          "masks allocated as tasks arrive (Section 3.4)"),
+    Entry("Hopfield reservoir, SplitMNIST", "configs/hopfield_split_mnist.yaml", "reservoir",
+          "5 tasks recalled in under 30 steps (Section 3.5)"),
+)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.2f}%"
+
+
+def _bytes(v: Any) -> str:
+    if v is None:
+        return "-"
+    v = float(v)
+    return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} kB" if v >= 1e3 else f"{v:.0f} B"
+
+
+def _secs(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.0f} s"
+
+
+def _config(entry: Entry, out: str) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(entry.config, [s for s in entry.command(out)[2:] if s != "--set"])
+
+
+def _supsup_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
+    from pipeline.registry import MaskRegistry
+
+    config = _config(entry, out)
+    report = _read(config.run_dir / "evaluation" / "report.json")
+    train = _read(config.run_dir / "train_summary.json")
+    row: dict[str, Any] = {"tasks": None}
+    if report:
+        s = report["summary"]
+        row.update(tasks=int(s["tasks"]), gg=s.get("accuracy_gg"), gn=s.get("accuracy_gn"),
+                   inference=s.get("task_inference_accuracy"), seconds=report.get("seconds"))
+        curve = config.run_dir / "evaluation" / "curve.png"
+        if curve.exists():
+            row["figure"] = _copy(curve, figures / f"{config.name}-curve.png")
+    if train and row.get("seconds") is not None:
+        row["seconds"] = float(row["seconds"]) + float(train["seconds"])
+    try:
+        registry = MaskRegistry(config.registry.root)
+        manifest = registry.manifest(config.bank)
+        ids = registry.tasks(config.bank)
+        folder = Path(config.registry.root) / config.bank / "tasks"
+        sizes = [p.stat().st_size for p in folder.glob("*.parquet")]
+        packed = sum((_numel(s) + 7) // 8 for s in manifest["layer_shapes"].values())
+        row["bytes"] = f"{_bytes(packed)} packed, {_bytes(sum(sizes) / len(sizes))} stored" \
+            if sizes and ids else None
+    except (KeyError, OSError, ValueError):
+        pass
+    return row
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _baseline_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
+    config = _config(entry, out)
+    report = _read(config.run_dir / "baseline" / "report.json")
+    if not report:
+        return {}
+    return {"tasks": len(report.get("accuracy", {})) or None, "gg": report.get("mean_accuracy"),
+            "bytes": _bytes(report.get("bytes_per_task")), "seconds": report.get("seconds")}
+
+
+def _sweep_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
+    config = _config(entry, out)
+    folder = config.run_dir / "sweep"
+    trials = _read(folder / "trials.json")
+    if not trials:
+        return {}
+    rows = trials if isinstance(trials, list) else trials.get("trials", [])
+    done = [r for r in rows if r.get("val_accuracy") is not None]
+    row: dict[str, Any] = {"tasks": len(done)}
+    if done:
+        best = max(done, key=lambda r: r["val_accuracy"])
+        lo = min(done, key=lambda r: r.get("compressed_bytes_per_task") or 0)
+        row["note"] = (f"{len(done)} trials; best val {_pct(best['val_accuracy'])} at density "
+                       f"{best.get('train.density')}; sparsest "
+                       f"{_pct(lo['val_accuracy'])} at "
+                       f"{_bytes(lo.get('compressed_bytes_per_task'))}/task compressed")
+        row["gg"] = best["val_accuracy"]
+        row["bytes"] = _bytes(best.get("compressed_bytes_per_task"))
+    for png in sorted(folder.glob("*.png")):
+        row.setdefault("figures", []).append(_copy(png, figures / f"{config.name}-{png.name}"))
+    return row
+
+
+def _json_row(entry: Entry, out: str, figures: Path, sub: str) -> dict[str, Any]:
+    config = _config(entry, out)
+    folder = config.run_dir / sub
+    report = _read(folder / "report.json")
+    if not report:
+        return {}
+    row: dict[str, Any] = {"tasks": report.get("true_tasks") or report.get("tasks"),
+                           "gn": report.get("test_accuracy") or report.get("recall_accuracy"),
+                           "seconds": report.get("seconds"),
+                           "bytes": _bytes(report.get("bytes_per_task")
+                                           or report.get("reservoir_bytes")),
+                           "note": report.get("summary")}
+    for png in sorted(folder.glob("*.png")):
+        row.setdefault("figures", []).append(_copy(png, figures / f"{config.name}-{png.name}"))
+    return row
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def collect(out: str, figures: Path) -> list[tuple[Entry, dict[str, Any]]]:
+    readers = {
+        "supsup": _supsup_row, "baseline": _baseline_row, "sweep": _sweep_row,
+        "discovery": lambda e, o, f: _json_row(e, o, f, "discovery"),
+        "reservoir": lambda e, o, f: _json_row(e, o, f, "hopfield"),
+    }
+    return [(e, readers[e.kind](e, out, figures)) for e in ENTRIES]
+
+
+def markdown(rows: list[tuple[Entry, dict[str, Any]]], out: str, doc_dir: Path,
+             seconds: float | None) -> str:
+    lines = [
+        "# Results", "",
+        "The paper's experiments at reduced scale (each config's `scale: reduced` switch: the "
+        "bundled 5,000 MNIST digits, fewer tasks and steps), measured on a 2-core CPU machine by "
+        "the commands listed below. The paper's numbers are for its full protocols and are shown "
+        "for orientation, not as like-for-like comparisons.", "",
+        "| experiment | tasks | accuracy, task given (GG) | accuracy, task inferred (GN) | "
+        "task inference | bytes per task | time | the paper reports |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e, r in rows:
+        if not r:
+            lines.append(f"| {e.label} | not run | | | | | | {e.paper} |")
+            continue
+        lines.append(
+            f"| {e.label} | {r.get('tasks') or '-'} | {_pct(r.get('gg'))} | {_pct(r.get('gn'))} "
+            f"| {_pct(r.get('inference'))} | {r.get('bytes') or '-'} | {_secs(r.get('seconds'))} "
+            f"| {e.paper} |")
+    notes = [(e, r["note"]) for e, r in rows if r and r.get("note")]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {e.label}: {n}" for e, n in notes]
+    figs = [(e, p) for e, r in rows if r for p in ([r["figure"]] if r.get("figure") else [])
+            + list(r.get("figures", []))]
+    if figs:
+        lines += ["", "## Plots", ""]
+        for e, p in figs:
+            rel = p.relative_to(doc_dir) if p.is_relative_to(doc_dir) else p
+            lines.append(f"![{e.label}]({rel})")
+    lines += ["", "## Commands", "", "Each row, from the repository root (under "
+              "`../shared/offline-run` on machines that need it):", "", "```bash"]
+    for e in ENTRIES:
+        lines.append("supsup " + " ".join(e.command(out)))
+    lines += [f"supsup results --out {out}   # collects the reports into this file", "```"]
+    if seconds is not None:
+        lines += ["", f"All commands together took {seconds / 60:.1f} minutes."]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from pipeline.cli import main
+
+    start = time.perf_counter()
+    if args.run:
+        for e in ENTRIES:
+            if args.only and args.only not in e.config and args.only not in e.label:
+                continue
+            log.info("results: supsup %s", " ".join(e.command(args.out)))
+            code = main(e.command(args.out))
+            if code != 0:
+                log.error("results: %s failed with exit code %d", e.label, code)
+    doc = Path(args.doc)
+    figures = doc.parent / "results"
+    text = markdown(collect(args.out, figures), args.out, doc.parent,
+                    time.perf_counter() - start if args.run and not args.only else None)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote {doc}")
+    return 0
+
+
+def add_results_parser(sub: Any) -> None:
+    p = sub.add_parser("results", help="run the paper's experiments at reduced scale and "
+                                       "write docs/RESULTS.md")
+    p.add_argument("--run", action="store_true", help="run every command first (minutes)")
+    p.add_argument("--only", help="run only entries whose config path or label contains this")
+    p.add_argument("--out", default="runs/results", help="output folder of the runs")
+    p.add_argument("--doc", default="docs/RESULTS.md")
+    p.set_defaults(fn=cmd_results)
