@@ -198,10 +198,38 @@ def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
     return report
 
 
+def do_scenario(config: Any, address: str | None, tracker: Any) -> dict[str, Any]:
+    """Training without task identity ("nns") or the Hopfield reservoir ("hopfield")."""
+    if config.scenario == "nns":
+        from pipeline.discovery_job import run_discovery as job
+    else:
+        from pipeline.reservoir_job import run_reservoir as job
+    bar = _Bar(f"{config.scenario} {config.name}")
+    try:
+        summary = job(config, progress=bar, tracker=tracker, address=address)
+    finally:
+        bar.close()
+    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+    print(json.dumps(shown, indent=1))
+    for name, path in (summary.get("files") or {}).items():
+        print(f"{name}: {path}")
+    return summary
+
+
+def _special(config: Any, address: str | None, tracker: Any) -> bool:
+    """Run a baseline or a scenario job when the config asks for one; True if it did."""
+    if config.model != "supsup":
+        do_baseline(config, tracker)
+        return True
+    if config.scenario != "gg_gn":
+        do_scenario(config, address, tracker)
+        return True
+    return False
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = _load(args)
-    if config.model != "supsup":
-        do_baseline(config, _tracker(config))
+    if _special(config, args.address, _tracker(config)):
         return 0
     summary = do_train(config, args.address, _tracker(config))
     _where(config, summary.model_version)
@@ -211,8 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     tracker = _tracker(config)
-    if config.model != "supsup":  # baselines are trained and evaluated in one job
-        do_baseline(config, tracker)
+    if _special(config, args.address, tracker):  # these jobs train and evaluate in one go
         return 0
     summary = do_train(config, args.address, tracker)
     source = {"root": config.registry.root, "bank": config.bank}
@@ -302,7 +329,9 @@ def cmd_registry(args: argparse.Namespace) -> int:
             print(f"  task {t}: {msg}")
         for stray in report.stray:
             print(f"  stray temporary file: {stray}")
-        return 0 if not report.problems else 1
+        if report.reservoir_problem:
+            print(f"  reservoir: {report.reservoir_problem}")
+        return 0 if report.all_ok else 1
     if args.action == "export":
         if not args.dest:
             raise SystemExit("error: `supsup registry export BANK --dest FILE.parquet`")

@@ -224,6 +224,63 @@ def _check_config_path(path: str) -> None:
             model = annotation
 
 
+class DiscoverySection(_Section):
+    """Training without task identity (scenario "nns", the paper's NNs): the allocation rule and
+    the stream of hidden tasks it runs on. Masks train with the train section's optimiser, batch
+    size and mask rule; train.schedule must stay constant (the stream has no last step)."""
+
+    check_every: int = Field(100, ge=1)  # batches between allocation checks
+    budget: int = Field(2500, ge=1)  # most masks ever allocated
+    min_candidates: int = Field(5, ge=1)  # n = max(#masks, min_candidates) at a check
+    eps: float = Field(2**-3, ge=0, allow_inf_nan=False)  # new task when max(nu) < (1 + eps) / n
+    batches_per_task: int = Field(1000, ge=1)  # consecutive batches of each task in the stream
+    lr: float | None = Field(None, gt=0)  # None: train.lr
+    task_order: list[int] | None = None  # tasks as streamed (may revisit); None: 0..num_tasks-1
+
+    @field_validator("task_order")
+    @classmethod
+    def _order(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError(f"task_order must list non-negative task ids, got {v}")
+        return v
+
+
+class HopfieldSection(_Section):
+    """The constant-size Hopfield reservoir (scenario "hopfield"): gated networks whose neuron
+    gates are stored in one d x d matrix per gated layer and recalled from test batches alone.
+
+    The gated widths are network.hidden, or [d, d] when it is empty (the paper's 784-2048-2048);
+    each must equal d.
+    """
+
+    d: int = Field(2048, ge=1)  # reservoir width: units per gated layer
+    # Learning each task's gates (the paper: SGD lr 0.1, momentum 0.9, wd 1e-4, 1 epoch).
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=2)  # gates normalise with batch statistics
+    train_lr: float = Field(0.1, gt=0)
+    train_momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    # Recall: SGD on (1 - t/T) H + gamma (t/T) E from the mean stored pattern.
+    recall_steps: int = Field(30, ge=1, le=30)
+    lr: float = Field(500.0, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    gamma: float = Field(1.5e-3, ge=0)
+    precondition: bool = True  # multiply dH/ds by Psi (see supsup.hopfield)
+    recall_batch_size: int = Field(128, ge=2)
+    # Capacity curve of random patterns: recall rate against the number stored.
+    capacity_d: int | None = Field(None, ge=1)  # None: d
+    capacity_counts: list[int] | None = None  # ascending; None: d/64 .. d/2
+    capacity_flip: float = Field(0.1, ge=0, lt=0.5)
+
+    @field_validator("capacity_counts")
+    @classmethod
+    def _counts(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or v != sorted(set(v)) or v[0] < 1):
+            raise ValueError(f"capacity_counts must be ascending distinct positive numbers of "
+                             f"patterns, got {v}")
+        return v
+
+
 class ExperimentConfig(_Section):
     name: str = "supsup"
     seed: int = 0
@@ -247,6 +304,11 @@ class ExperimentConfig(_Section):
     registry: RegistrySection = RegistrySection()
     tracking: TrackingSection = TrackingSection()
     sweep: SweepSection | None = None
+    # What `supsup train` runs: masks per task with ids given ("gg_gn"), training without task
+    # identity ("nns", the discovery section) or the Hopfield reservoir ("hopfield").
+    scenario: Literal["gg_gn", "nns", "hopfield"] = "gg_gn"
+    discovery: DiscoverySection = DiscoverySection()
+    hopfield: HopfieldSection = HopfieldSection()
 
     @field_validator("name")
     @classmethod

@@ -128,11 +128,15 @@ class VerifyReport:
     problems: dict[int, str]
     stray: list[str]
     manifest_problem: str | None = None
+    reservoir: bool = False  # the bank holds a Hopfield reservoir file
+    reservoir_problem: str | None = None
 
     @property
     def all_ok(self) -> bool:
-        """True when the manifest and every task file passed (stray files do not count)."""
-        return not self.problems and self.manifest_problem is None
+        """True when the manifest, every task file and the reservoir (if any) passed (stray files
+        do not count)."""
+        return (not self.problems and self.manifest_problem is None
+                and self.reservoir_problem is None)
 
 
 @dataclass
@@ -473,7 +477,15 @@ class MaskRegistry:
         ids = sorted(found)
         results = _map(check, ids)
         problems = {t: msg for t, msg in zip(ids, results) if msg is not None}
-        return VerifyReport(bank, [t for t in ids if t not in problems], problems, stray)
+        has_reservoir = self.has_reservoir(bank)
+        reservoir_problem = None
+        if has_reservoir:
+            try:
+                self.read_reservoir(bank)
+            except (RegistryCorruptError, FileNotFoundError) as exc:
+                reservoir_problem = str(exc)
+        return VerifyReport(bank, [t for t in ids if t not in problems], problems, stray,
+                            reservoir=has_reservoir, reservoir_problem=reservoir_problem)
 
     def load_bank(
         self,
@@ -523,6 +535,163 @@ class MaskRegistry:
             "task_ids_hash": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
             "content_sha256": h.hexdigest(),
         }
+
+    # ------------------------------------------------------------------------ reservoir
+    # A bank of the hopfield scenario stores no task files: its masks (neuron gates, one (d,)
+    # vector per gated layer listed in the manifest's layer_shapes) live superimposed in one
+    # constant-size file {root}/{bank}/reservoir.parquet, one row per array: "psi"
+    # (num_layers, d, d) and "pattern_sum" (num_layers, d), float32 little-endian bytes with a
+    # sha256 per row, plus JSON metadata (patterns stored, task ids, ...).
+
+    def _reservoir_path(self, bank: str) -> str:
+        return self._join(_check_bank_name(bank), _RESERVOIR_FILE)
+
+    def has_reservoir(self, bank: str) -> bool:
+        """Whether `bank` holds a Hopfield reservoir file."""
+        return self._exists(self._reservoir_path(bank))
+
+    def write_reservoir(
+        self,
+        bank: str,
+        arrays: Mapping[str, np.ndarray | torch.Tensor],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> str:
+        """Store the bank's reservoir; "written", "unchanged" or (overwrite=True) "replaced".
+
+        `arrays` holds exactly "psi" (num_layers, d, d) and "pattern_sum" (num_layers, d), where
+        the manifest lists num_layers gated layers of shape (d,); both are stored as float32, so
+        the file has the same size whatever number of patterns it holds. The write is atomic
+        (temp file, then published). An existing reservoir with the same arrays is "unchanged";
+        with other arrays it is kept and RegistryConflictError raised unless `overwrite`.
+        """
+        manifest = self.manifest(bank)
+        rows = _reservoir_rows(bank, manifest, arrays)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError(f"reservoir metadata must be a mapping, got {type(metadata)}")
+        meta = json.dumps(_canonical(dict(metadata or {}), "reservoir metadata")).encode()
+        final = self._reservoir_path(bank)
+        if self._exists(final):
+            status = self._compare_reservoir(bank, final, rows, overwrite)
+            if status == "unchanged":
+                return status
+        table = pa.table({
+            "name": [r[0] for r in rows],
+            "shape": [list(r[1]) for r in rows],
+            "data": [r[2] for r in rows],
+            "sha256": [r[3] for r in rows],
+        }, schema=_RESERVOIR_SCHEMA).replace_schema_metadata({
+            _KEY_FORMAT: str(FORMAT).encode(), _KEY_RESERVOIR_META: meta,
+        })
+        tmp = self._join(bank, f".{_RESERVOIR_FILE}{_TMP_MARK}{uuid.uuid4().hex}")
+        replaced = False
+        try:
+            with self._fs.open_output_stream(tmp) as out:
+                pq.write_table(table, out, **_RESERVOIR_WRITE_OPTIONS)
+            self._sync(tmp)
+            if overwrite and self._exists(final):
+                if self._local:
+                    os.replace(tmp, final)
+                    _sync_dir(os.path.dirname(final))
+                else:
+                    self._fs.move(tmp, final)
+                replaced = True
+            elif not self._publish(tmp, final):  # another writer published first
+                return self._compare_reservoir(bank, final, rows, overwrite=False)
+        finally:
+            self._remove_quietly(tmp)
+        if not self._local:  # no create-if-absent: make sure the file now holds our arrays
+            self._compare_reservoir(bank, final, rows, overwrite=False)
+        logger.info("%s the reservoir of bank %r", "replaced" if replaced else "wrote", bank)
+        return "replaced" if replaced else "written"
+
+    def _compare_reservoir(self, bank: str, path: str, rows: list[tuple[str, tuple[int, ...],
+                           bytes, str]], overwrite: bool) -> str:
+        """"unchanged" when the stored arrays equal `rows`; "differs" (overwrite) or a conflict."""
+        stored, _ = self._read_reservoir_file(bank, path)
+        mine = {r[0]: r[3] for r in rows}
+        theirs = {name: _reservoir_checksum(name, a.shape, _f32_bytes(a))
+                  for name, a in stored.items()}
+        if mine == theirs:
+            return "unchanged"
+        if overwrite:
+            return "differs"
+        raise RegistryConflictError(
+            f"bank {bank!r} already holds a different reservoir at {path} (it was kept). A "
+            "reservoir holds every stored task at once: pass overwrite=True to replace it with "
+            f"this one, or write to a new bank name (e.g. '{bank}-v2').")
+
+    def _read_reservoir_file(self, bank: str, path: str) -> tuple[dict[str, np.ndarray],
+                                                                  dict[str, Any]]:
+        manifest = self.manifest(bank)
+        try:
+            with self._fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f, page_checksum_verification=True)
+                kv = pf.metadata.metadata or {}
+                table = pf.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"bank {bank!r} in {self.root} holds no reservoir ({path}); the hopfield "
+                "scenario writes one (MaskRegistry.write_reservoir)") from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise RegistryCorruptError(
+                f"{path}: unreadable or truncated Parquet file ({exc}); rewrite the reservoir "
+                "(rerun the hopfield job into a new bank)") from None
+        try:
+            want = _reservoir_shapes(bank, manifest)
+            for f in _RESERVOIR_SCHEMA:
+                i = table.schema.get_field_index(f.name)
+                if i < 0 or not table.schema.field(i).type.equals(f.type):
+                    raise _Problem(f"column {f.name!r} is missing or not {f.type}")
+            arrays: dict[str, np.ndarray] = {}
+            for row in table.to_pylist():
+                name, data = row["name"], row["data"]
+                shape = tuple(int(v) for v in row["shape"] or ())
+                if name not in want or name in arrays:
+                    raise _Problem(f"unexpected or repeated array {name!r}")
+                if shape != want[name]:
+                    raise _Problem(f"array {name!r} has shape {shape}, the manifest's gated "
+                                   f"layers give {want[name]}")
+                if data is None or len(data) != 4 * _numel(shape):
+                    raise _Problem(f"array {name!r} holds {0 if data is None else len(data)} "
+                                   f"bytes, expected {4 * _numel(shape)}")
+                if _reservoir_checksum(name, shape, data) != row["sha256"]:
+                    raise _Problem(f"checksum mismatch in array {name!r} (the stored bytes "
+                                   "changed after they were written)")
+                arrays[name] = np.frombuffer(data, "<f4").astype(np.float32).reshape(shape)
+            missing = sorted(set(want) - set(arrays))
+            if missing:
+                raise _Problem(f"missing arrays {missing}")
+            metadata = json.loads(kv.get(_KEY_RESERVOIR_META, b"{}"))
+        except (_Problem, json.JSONDecodeError) as exc:
+            raise RegistryCorruptError(f"{path}: {exc}; rewrite the reservoir (rerun the "
+                                       "hopfield job into a new bank)") from None
+        return arrays, metadata
+
+    def read_reservoir(self, bank: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """({"psi": (L, d, d), "pattern_sum": (L, d)} float32, metadata), checksums verified.
+
+        FileNotFoundError when the bank holds no reservoir; RegistryCorruptError naming the file
+        when it is damaged.
+        """
+        return self._read_reservoir_file(bank, self._reservoir_path(bank))
+
+    def copy_reservoir(self, bank: str, dest_path: str | os.PathLike[str]) -> Path:
+        """Copy the (verified) reservoir file to a local path, e.g. to log it as an artifact."""
+        self.read_reservoir(bank)
+        dest = Path(dest_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            with self._fs.open_input_stream(self._reservoir_path(bank)) as src, \
+                    open(tmp, "wb") as out:
+                while chunk := src.read(16 << 20):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
 
     # --------------------------------------------------------------------- export/import
     def export(
@@ -918,3 +1087,66 @@ def _describe_ids(ids: Sequence[int]) -> str:
     if len(ids) <= 8:
         return f"tasks {list(ids)}"
     return f"{len(ids)} tasks ({min(ids)}..{max(ids)})"
+
+
+# ------------------------------------------------------------------- reservoir helpers
+_RESERVOIR_FILE = "reservoir.parquet"
+_KEY_RESERVOIR_META = b"supsup.reservoir_metadata"
+_RESERVOIR_SCHEMA = pa.schema([
+    ("name", pa.string()),  # "psi" or "pattern_sum"
+    ("shape", pa.list_(pa.int64())),
+    ("data", pa.large_binary()),  # float32 little-endian; psi exceeds 2 GiB from d ~ 16k
+    ("sha256", pa.string()),
+])
+_RESERVOIR_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "zstd", "use_dictionary": False, "write_page_checksum": True,
+}
+
+
+def _reservoir_shapes(bank: str, manifest: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Array shapes a reservoir of this bank must have, from its gated layers (all (d,))."""
+    shapes = [tuple(int(v) for v in s) for s in manifest["layer_shapes"].values()]
+    if any(len(s) != 1 for s in shapes) or len(set(shapes)) != 1:
+        raise ValueError(
+            f"bank {bank!r} has masked layers {manifest['layer_shapes']}; a reservoir needs a bank "
+            "whose layers are gated units of one width d (layer shapes [d]), as the hopfield "
+            "scenario creates")
+    num_layers, d = len(shapes), shapes[0][0]
+    return {"psi": (num_layers, d, d), "pattern_sum": (num_layers, d)}
+
+
+def _reservoir_checksum(name: str, shape: Sequence[int], data: bytes) -> str:
+    h = hashlib.sha256(json.dumps(["reservoir", name, [int(v) for v in shape]]).encode())
+    h.update(b"\n")
+    h.update(data)
+    return h.hexdigest()
+
+
+def _f32_bytes(arr: np.ndarray) -> bytes:
+    return np.ascontiguousarray(arr, dtype="<f4").tobytes()
+
+
+def _reservoir_rows(
+    bank: str, manifest: Mapping[str, Any], arrays: Mapping[str, Any]
+) -> list[tuple[str, tuple[int, ...], bytes, str]]:
+    """Validated (name, shape, float32 bytes, sha256) rows; ValueError naming the array."""
+    want = _reservoir_shapes(bank, manifest)
+    if not isinstance(arrays, Mapping) or set(arrays) != set(want):
+        got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+        raise ValueError(f"a reservoir needs exactly the arrays {sorted(want)}, got {got}")
+    d = want["pattern_sum"][1]
+    rows = []
+    for name in ("psi", "pattern_sum"):
+        arr = _as_numpy(arrays[name])
+        if tuple(arr.shape) != want[name]:
+            raise ValueError(
+                f"reservoir array {name!r} has shape {tuple(arr.shape)}, but bank {bank!r} has "
+                f"{want[name][0]} gated layers of width d={d}, so it must be {want[name]}: build "
+                "the reservoir with d equal to the gated network's hidden width")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"reservoir array {name!r} has dtype {arr.dtype}; expected floats")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"reservoir array {name!r} is not all finite")
+        data = _f32_bytes(arr)
+        rows.append((name, want[name], data, _reservoir_checksum(name, want[name], data)))
+    return rows

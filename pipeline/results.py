@@ -162,25 +162,49 @@ def _sweep_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
                        f"{_bytes(lo.get('compressed_bytes_per_task'))}/task compressed")
         row["gg"] = best["val_accuracy"]
         row["bytes"] = _bytes(best.get("compressed_bytes_per_task"))
-    for png in sorted(folder.glob("*.png")):
-        row.setdefault("figures", []).append(_copy(png, figures / f"{config.name}-{png.name}"))
-    return row
+    return _with_figures(row, folder, figures, config.name)
 
 
-def _json_row(entry: Entry, out: str, figures: Path, sub: str) -> dict[str, Any]:
+def _discovery_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
     config = _config(entry, out)
-    folder = config.run_dir / sub
+    folder = config.run_dir / "discovery"
     report = _read(folder / "report.json")
     if not report:
         return {}
-    row: dict[str, Any] = {"tasks": report.get("true_tasks") or report.get("tasks"),
-                           "gn": report.get("test_accuracy") or report.get("recall_accuracy"),
-                           "seconds": report.get("seconds"),
-                           "bytes": _bytes(report.get("bytes_per_task")
-                                           or report.get("reservoir_bytes")),
-                           "note": report.get("summary")}
+    s = report["summary"]
+    row: dict[str, Any] = {
+        "tasks": s.get("num_true_tasks"), "gn": s.get("test_accuracy"),
+        "inference": s.get("inference_agreement"), "seconds": s.get("seconds"),
+        "note": (f"{s.get('num_masks')} masks allocated for {s.get('num_true_tasks')} hidden "
+                 f"tasks (purity {_pct(s.get('purity'))}); accuracy over the stream "
+                 f"{_pct(s.get('stream_accuracy'))}"),
+    }
+    return _with_figures(row, folder, figures, config.name)
+
+
+def _reservoir_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
+    config = _config(entry, out)
+    folder = config.run_dir / "hopfield"
+    report = _read(folder / "report.json")
+    if not report:
+        return {}
+    s = report["summary"]
+    row: dict[str, Any] = {
+        "tasks": s.get("num_stored"), "gn": s.get("accuracy_recalled_mean"),
+        "gg": s.get("accuracy_stored_mean"), "inference": s.get("recall_accuracy"),
+        "bytes": f"{_bytes(s.get('reservoir_bytes'))} in all, constant",
+        "seconds": s.get("seconds"),
+        "note": (f"recalled gates from test batches in {s.get('settled_at_mean')} steps on "
+                 f"average; mean Hamming distance to the stored gates "
+                 f"{_pct(s.get('hamming_fraction_mean'))} of the bits; the GG column is the "
+                 f"stored gates' accuracy, GN the recalled gates'"),
+    }
+    return _with_figures(row, folder, figures, config.name)
+
+
+def _with_figures(row: dict[str, Any], folder: Path, figures: Path, name: str) -> dict[str, Any]:
     for png in sorted(folder.glob("*.png")):
-        row.setdefault("figures", []).append(_copy(png, figures / f"{config.name}-{png.name}"))
+        row.setdefault("figures", []).append(_copy(png, figures / f"{name}-{png.name}"))
     return row
 
 
@@ -193,8 +217,7 @@ def _copy(src: Path, dest: Path) -> Path:
 def collect(out: str, figures: Path) -> list[tuple[Entry, dict[str, Any]]]:
     readers = {
         "supsup": _supsup_row, "baseline": _baseline_row, "sweep": _sweep_row,
-        "discovery": lambda e, o, f: _json_row(e, o, f, "discovery"),
-        "reservoir": lambda e, o, f: _json_row(e, o, f, "hopfield"),
+        "discovery": _discovery_row, "reservoir": _reservoir_row,
     }
     return [(e, readers[e.kind](e, out, figures)) for e in ENTRIES]
 
