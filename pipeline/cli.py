@@ -64,14 +64,12 @@ def _tracker(config: Any) -> Any:
 
 def do_train(config: Any, address: str | None, tracker: Any) -> Any:
     """Train into the registry, log to MLflow, register the bank; returns the TrainSummary."""
-    from pipeline.config import dump_config
+    from pipeline.experiment import tracked_run
     from pipeline.registry import MaskRegistry
     from pipeline.report import plot_training
     from pipeline.train_job import run_training
 
-    with tracker.run("train", tags={"job": "train", "bank": config.bank}) as run_id:
-        tracker.log_params(config.flat_params())
-        tracker.log_text(dump_config(config), "config.yaml")
+    with tracked_run(tracker, "train", {"job": "train", "bank": config.bank}, config) as run_id:
         bar = _Bar(f"train {config.bank}")
 
         def on_task(r: dict[str, Any]) -> None:
@@ -175,12 +173,10 @@ def _print_eval(report: Any, files: dict[str, Path]) -> None:
 def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
     """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
     from pipeline.baseline_job import run_baseline
-    from pipeline.config import dump_config
+    from pipeline.experiment import tracked_run
 
-    with tracker.run(f"baseline-{config.model}", tags={"job": "baseline",
-                                                       "model": config.model}):
-        tracker.log_params(config.flat_params())
-        tracker.log_text(dump_config(config), "config.yaml")
+    tags = {"job": "baseline", "model": config.model}
+    with tracked_run(tracker, f"baseline-{config.model}", tags, config):
         bar = _Bar(f"{config.model} {config.name}")
         try:
             report = run_baseline(config, progress=bar)

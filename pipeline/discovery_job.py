@@ -21,7 +21,6 @@ an empty bank: a bank that already holds masks is refused instead of being mixed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cluster import ray_session, remote_options, worker_threads
-from pipeline.config import ExperimentConfig, dump_config
-from pipeline.experiment import build_net, build_spec, build_tasks
+from pipeline.config import ExperimentConfig
+from pipeline.experiment import build_net, build_spec, build_tasks, tracked_run
 from pipeline.registry import MaskRegistry
 from supsup.discovery import DiscoveryConfig
 
@@ -225,13 +224,8 @@ def run_discovery(
     discovery_config(config)  # bad settings fail here, before Ray starts
     order = stream_order(config)
     prepare_discovery_bank(config)
-    run = (tracker.run("discover", tags={"job": "discover", "scenario": "nns",
-                                         "bank": config.bank})
-           if tracker is not None else contextlib.nullcontext(None))
-    with run as run_id:
-        if tracker is not None:
-            tracker.log_params(config.flat_params())
-            tracker.log_text(dump_config(config), "config.yaml")
+    tags = {"job": "discover", "scenario": "nns", "bank": config.bank}
+    with tracked_run(tracker, "discover", tags, config) as run_id:
         start = time.perf_counter()
         stream, evaluation = _run_workers(config, len(order), progress, address)
         seconds = time.perf_counter() - start

@@ -7,9 +7,12 @@ travels through Ray's object store.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from typing import Any
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, dump_config
 from pipeline.datasets import load_dataset
 from supsup.networks import NetworkSpec, SupermaskNet, build_network
 from supsup.tasks import TaskSet, TensorData, make_tasks
@@ -23,11 +26,13 @@ def _base_data(name: str, root: str | None, download: bool, image_size: int | No
                         test_fraction=test_fraction, seed=seed)
 
 
-def build_tasks(config: ExperimentConfig) -> TaskSet:
-    """The task family of `config` over its base data set."""
+def build_tasks(config: ExperimentConfig,
+                data: tuple[TensorData, TensorData] | None = None) -> TaskSet:
+    """The task family of `config` over its base data set (or over `data`, a (train, test)
+    pair such as a validation split carved from the training data)."""
     d, t = config.data, config.tasks
-    train, test = _base_data(d.dataset, d.root, d.download, d.image_size, d.test_fraction,
-                             config.seed)
+    train, test = data or _base_data(d.dataset, d.root, d.download, d.image_size,
+                                     d.test_fraction, config.seed)
     options: dict[str, float | int] = {}
     if t.family == "rotated":
         options["degrees"] = t.degrees
@@ -48,6 +53,20 @@ def build_spec(config: ExperimentConfig, tasks: TaskSet) -> NetworkSpec:
 def build_net(spec: NetworkSpec) -> SupermaskNet:
     """Rebuild the fixed random network from its spec and seed."""
     return build_network(spec)
+
+
+@contextlib.contextmanager
+def tracked_run(tracker: Any, name: str, tags: dict[str, str],
+                config: ExperimentConfig) -> Iterator[str | None]:
+    """An MLflow run (via a pipeline.tracking.Tracker) holding the resolved config, or nothing
+    when no tracker is given; yields the run id or None."""
+    if tracker is None:
+        yield None
+        return
+    with tracker.run(name, tags=tags) as run_id:
+        tracker.log_params(config.flat_params())
+        tracker.log_text(dump_config(config), "config.yaml")
+        yield run_id
 
 
 def task_groups(task_ids: list[int], group_size: int) -> list[list[int]]:

@@ -17,7 +17,6 @@ reservoir is the whole stored state, as the paper intends.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -28,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cluster import ray_session, remote_options, worker_threads
-from pipeline.config import ExperimentConfig, dump_config
-from pipeline.experiment import build_tasks
+from pipeline.config import ExperimentConfig
+from pipeline.experiment import build_tasks, tracked_run
 from pipeline.registry import MaskRegistry
 from supsup.networks import NetworkSpec
 from supsup.tasks import TaskSet
@@ -225,13 +224,8 @@ def run_reservoir(
     registry.create_bank(config.bank, spec.to_dict(), gate_layers(config), None,
                          reservoir_mask_info(config))
     task_ids = list(range(config.tasks.num_tasks))
-    run = (tracker.run("hopfield", tags={"job": "hopfield", "scenario": "hopfield",
-                                         "bank": config.bank})
-           if tracker is not None else contextlib.nullcontext(None))
-    with run as run_id:
-        if tracker is not None:
-            tracker.log_params(config.flat_params())
-            tracker.log_text(dump_config(config), "config.yaml")
+    tags = {"job": "hopfield", "scenario": "hopfield", "bank": config.bank}
+    with tracked_run(tracker, "hopfield", tags, config) as run_id:
         start = time.perf_counter()
         config_data = config.model_dump()
         total = 2 * len(task_ids)

@@ -168,18 +168,11 @@ def validation_tasks(config: ExperimentConfig) -> TaskSet:
     """The config's tasks with `sweep.val_fraction` of the train data held out as their "test"
     split: trials select on it, and the real test data is never seen."""
     from pipeline.experiment import build_tasks
-    from supsup.tasks import make_tasks, split_data
+    from supsup.tasks import split_data
 
     sweep = _sweep(config)
     tasks = build_tasks(config)
-    fit, val = split_data(tasks.data["train"], sweep.val_fraction, config.seed)
-    t = config.tasks
-    options: dict[str, float | int] = {}
-    if t.family == "rotated":
-        options["degrees"] = t.degrees
-    if t.family == "split":
-        options["classes_per_task"] = t.classes_per_task
-    return make_tasks(t.family, fit, val, t.num_tasks, config.seed, **options)
+    return build_tasks(config, split_data(tasks.data["train"], sweep.val_fraction, config.seed))
 
 
 def mask_bytes(scores: TaskScores) -> dict[str, float]:
