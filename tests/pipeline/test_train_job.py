@@ -148,8 +148,10 @@ def test_killed_driver_resumes_to_identical_bits(
     assert done.returncode == 0, done.stderr[-2000:]
     assert registry.tasks(config.bank) == list(range(6))
     assert stored_bytes(registry, config.bank) == reference_masks
-    assert registry.verify(config.bank).stray == [] or True  # temp files of the killed run
-    assert registry.verify(config.bank).problems == {}
+    report = registry.verify(config.bank)
+    assert report.problems == {}
+    # A writer killed mid-write may leave its temporary file; it is never taken for a task.
+    assert all(".tmp-" in name for name in report.stray), report.stray
 
 
 def test_missing_data_root_fails_before_anything_is_written(tmp_path: Path) -> None:
