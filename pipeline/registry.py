@@ -54,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from supsup.bank import MaskBank
+from supsup.bank import MaskBank, describe_ids
 from supsup.networks import NetworkSpec
 
 logger = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ class MaskRegistry:
         return _record(task_id, rows, metadata)
 
     def _missing(self, bank: str, missing: Sequence[int]) -> KeyError:
-        held = _describe_ids(self.tasks(bank))
+        held = describe_ids(self.tasks(bank))
         return KeyError(
             f"bank {bank!r} has no task {', '.join(map(str, missing[:20]))}"
             f"{' ...' if len(missing) > 20 else ''}; it holds {held}"
@@ -1080,13 +1080,6 @@ def _sync_dir(path: str) -> None:
     finally:
         os.close(fd)
 
-
-def _describe_ids(ids: Sequence[int]) -> str:
-    if not ids:
-        return "no tasks"
-    if len(ids) <= 8:
-        return f"tasks {list(ids)}"
-    return f"{len(ids)} tasks ({min(ids)}..{max(ids)})"
 
 
 # ------------------------------------------------------------------- reservoir helpers

@@ -81,7 +81,7 @@ class MaskBank:
         try:
             return self._row_of[int(task_id)]
         except KeyError:
-            held = _describe_ids(self.task_ids)
+            held = describe_ids(self.task_ids)
             raise KeyError(f"task {task_id} was never learned; the bank holds {held}") from None
 
     def rows(self, task_ids: Iterable[int] | None) -> torch.Tensor:
@@ -386,7 +386,8 @@ class MaskBank:
                 f"nbytes={self.nbytes():,})")
 
 
-def _describe_ids(ids: Sequence[int]) -> str:
+def describe_ids(ids: Sequence[int]) -> str:
+    """Task ids for an error message: all of a few, or the count and range of many."""
     if not ids:
         return "no tasks"
     if len(ids) <= 8:

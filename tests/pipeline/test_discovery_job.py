@@ -4,11 +4,9 @@ tasks streamed with their ids hidden are found, stored, reported and tracked."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
 from pipeline.discovery_job import run_discovery
@@ -20,15 +18,7 @@ BATCHES_PER_TASK = 200
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread in this process while the module runs (two shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def make_config(tmp_path: Path, name: str = "nnstest", **discovery: object) -> ExperimentConfig:

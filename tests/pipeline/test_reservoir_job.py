@@ -4,13 +4,11 @@ in a constant-size Hopfield reservoir, recalled from test batches, measured and 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
 from pipeline.registry import MaskRegistry, RegistryConflictError
@@ -21,15 +19,7 @@ WIDTH = 1024  # d; the paper's 2048 recalls exactly too but trains 3x slower on 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread in this process while the module runs (two shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def make_config(root: Path, name: str, num_tasks: int = 5, hidden: list[int] | None = None,

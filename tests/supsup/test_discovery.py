@@ -4,7 +4,6 @@ end to end on five hidden permuted-MNIST tasks against the same tasks trained wi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,16 +34,7 @@ TRAIN = TrainConfig(lr=5e-4)
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while this module trains: on two cores shared with other processes,
-    two threads per process oversubscribe them (measured 4x slower per step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tasks() -> PermutedTasks:

@@ -4,8 +4,6 @@ batches alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -33,16 +31,7 @@ GATE_TRAIN = GateTrainConfig(epochs=15)
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while this module trains: on two cores shared with other processes,
-    two threads per process oversubscribe them (measured 4x slower per step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 # ------------------------------------------------------------------------------- storage
 def test_storkey_rule_matches_hand_computed_matrices() -> None:
