@@ -397,6 +397,12 @@ class MaskRegistry:
             logger.warning("could not remove temp file %s: %s", path, exc)
 
     # --------------------------------------------------------------------------- read
+    def _read_parquet(self, path: str) -> tuple[pa.Table, dict[bytes, bytes]]:
+        """A whole Parquet file with its page checksums verified, and its schema metadata."""
+        with self._fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            return pf.read(), dict(pf.metadata.metadata or {})
+
     def _read_rows(
         self, bank: str, task_id: int, path: str | None = None
     ) -> tuple[list[_Row], dict[str, Any]]:
@@ -404,10 +410,7 @@ class MaskRegistry:
         manifest = self.manifest(bank)
         path = path or self._task_path(bank, task_id)
         try:
-            with self._fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f, page_checksum_verification=True)
-                kv = pf.metadata.metadata or {}
-                table = pf.read()
+            table, kv = self._read_parquet(path)
         except FileNotFoundError:
             raise self._missing(bank, [task_id]) from None
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -626,10 +629,7 @@ class MaskRegistry:
                                                                   dict[str, Any]]:
         manifest = self.manifest(bank)
         try:
-            with self._fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f, page_checksum_verification=True)
-                kv = pf.metadata.metadata or {}
-                table = pf.read()
+            table, kv = self._read_parquet(path)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"bank {bank!r} in {self.root} holds no reservoir ({path}); the hopfield "
