@@ -63,9 +63,11 @@ def _tracker(config: Any) -> Any:
 
 
 def do_train(config: Any, address: str | None, tracker: Any) -> Any:
-    """Train into the registry, log to MLflow, register the bank; returns the TrainSummary."""
+    """Train into the registry, log to MLflow, publish and register the bank.
+
+    Returns the TrainSummary, with `publication` (the bank's BankSource and model version)."""
     from pipeline.experiment import tracked_run
-    from pipeline.registry import MaskRegistry
+    from pipeline.publish import publish_bank
     from pipeline.report import plot_training
     from pipeline.train_job import run_training
 
@@ -91,54 +93,38 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
             path = plot_training(summary.trained, config.run_dir / "training.png")
             if path:
                 tracker.log_artifact(path)
-        _write_json(config.run_dir / "train_summary.json", {
-            "bank": config.bank, "tasks_trained": len(summary.trained),
-            "tasks_skipped": len(summary.skipped), "seconds": summary.seconds,
-            "tasks_per_hour": summary.tasks_per_hour, "run_id": run_id,
-            "tasks": {str(t): m for t, m in sorted(summary.trained.items())},
-        })
-        registry = MaskRegistry(config.registry.root)
-        stored = registry.tasks(config.bank)
-        if config.tracking.register_model and stored:
-            summary.model_version = _register(config, tracker, run_id, registry)
+            # Only a run that trained writes the summary: a rerun that found everything stored
+            # keeps the numbers of the run that did the work.
+            _write_json(config.run_dir / "train_summary.json", {
+                "bank": config.bank, "tasks_trained": len(summary.trained),
+                "tasks_skipped": len(summary.skipped), "seconds": summary.seconds,
+                "tasks_per_hour": summary.tasks_per_hour, "run_id": run_id,
+                "tasks": {str(t): m for t, m in sorted(summary.trained.items())},
+            })
+        summary.publication = publish_bank(config, tracker, run_id)
+    reg = summary.publication.registration
+    if reg is not None:
+        summary.model_version = reg.version
+        how = "registered as" if reg.created else "already registered as"
+        log.info("%s: %s %s (@%s)", summary.publication.source.describe(), how, reg.uri,
+                 config.tracking.alias)
     log.info("trained %d new tasks (%d already stored) in %.1f s: %.0f tasks/h",
              len(summary.trained), len(summary.skipped), summary.seconds, summary.tasks_per_hour)
     return summary
 
 
-def _register(config: Any, tracker: Any, run_id: str, registry: Any) -> int:
-    snapshot = registry.snapshot(config.bank)
-    manifest = registry.manifest(config.bank)
-    embed = None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = registry.export(config.bank, Path(tmp) / f"{config.bank}.parquet")
-        if path.stat().st_size <= config.tracking.embed_masks_max_bytes:
-            embed = path
-        e = config.evaluate
-        version = tracker.register_bank(
-            run_id, config.model_name, network_spec=manifest["network"],
-            registry_root=str(Path(config.registry.root).resolve())
-            if "://" not in config.registry.root else config.registry.root,
-            bank=config.bank, snapshot=snapshot, embed_file=embed,
-            inference_defaults={"method": e.method, "objective": e.objective,
-                                "mode": e.mode},
-            aliases=[config.tracking.alias], tags={"experiment": config.name},
-        )
-    log.info("registered models:/%s@%s (version %s, %d tasks)", config.model_name,
-             config.tracking.alias, version, snapshot["tasks"])
-    return version
-
-
-def do_evaluate(config: Any, source: dict[str, Any], address: str | None, tracker: Any,
+def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                 tags: dict[str, str] | None = None) -> Any:
+    """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow."""
     from pipeline.eval_job import run_evaluation
     from pipeline.report import write_report
 
-    with tracker.run("evaluate", tags={"job": "evaluate", "bank": source["bank"],
+    with tracker.run("evaluate", tags={"job": "evaluate", "bank": source.bank,
+                                       "snapshot": source.snapshot_sha256,
                                        **(tags or {})}) as run_id:
         tracker.log_params({f"evaluate.{k}": str(v)
                             for k, v in config.evaluate.model_dump().items()})
-        bar = _Bar(f"evaluate {source['bank']}")
+        bar = _Bar(f"evaluate {source.bank}")
         try:
             report = run_evaluation(config, source, progress=bar, address=address)
         finally:
@@ -238,8 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _special(config, args.address, tracker):  # these jobs train and evaluate in one go
         return 0
     summary = do_train(config, args.address, tracker)
-    source = {"root": config.registry.root, "bank": config.bank}
-    report, files = do_evaluate(config, source, args.address, tracker)
+    report, files = do_evaluate(config, summary.publication.source, args.address, tracker)
     _print_eval(report, files)
     _where(config, summary.model_version)
     return 0
@@ -250,25 +235,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     target = args.target
     if target.startswith("models:/"):
-        from pipeline.tracking import lookup, run_config_text
+        from pipeline.tracking import model_source, run_config_text
 
         uri = _tracking_uri(args)
-        info = lookup(target, uri)
-        if args.config:
-            config = _load(args)
-        else:
-            import yaml
+        with tempfile.TemporaryDirectory(prefix="supsup-evaluate-") as tmp:
+            info, source = model_source(target, uri, tmp)
+            if args.config:
+                config = _load(args)
+            else:
+                import yaml
 
-            config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
-                                  f"{target} (config.yaml of run {info['run_id']})", args.set)
-        source = {"root": info["registry_root"], "bank": info["bank"]}
-        tags = {"model_uri": target, "model_version": str(info["version"])}
+                config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
+                                      f"{target} (config.yaml of run {info['run_id']})",
+                                      args.set)
+            tags = {"model_uri": target, "model_version": str(info["version"])}
+            report, files = do_evaluate(config, source, args.address, _tracker(config), tags)
     else:
+        from pipeline.registry import MaskRegistry
+
         args.config = target
         config = _load(args)
-        source = {"root": config.registry.root, "bank": config.bank}
-        tags = {}
-    report, files = do_evaluate(config, source, args.address, _tracker(config), tags)
+        source = MaskRegistry(config.registry.root).source(config.bank)
+        report, files = do_evaluate(config, source, args.address, _tracker(config))
     _print_eval(report, files)
     return 0
 
@@ -320,19 +308,27 @@ def cmd_registry(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: `supsup registry {args.action}` needs a BANK")
     if args.action == "verify":
         report = registry.verify(args.bank)
-        print(f"{args.bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems")
+        if report.manifest_problem:
+            print(f"{args.bank}: manifest: {report.manifest_problem}")
+        print(f"{args.bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems, "
+              f"{len(report.foreign)} files that are not the bank's")
         for t, msg in sorted(report.problems.items()):
             print(f"  task {t}: {msg}")
-        for stray in report.stray:
-            print(f"  stray temporary file: {stray}")
+        for name in report.foreign:
+            print(f"  not a file of this bank: {name} (move it out of the bank folder)")
+        for name in report.temporary:
+            print(f"  temporary file of an unfinished write: {name} (safe to delete when no job "
+                  "writes to this bank)")
         if report.reservoir_problem:
             print(f"  reservoir: {report.reservoir_problem}")
         return 0 if report.all_ok else 1
     if args.action == "export":
+        from pipeline.registry import export_bank
+
         if not args.dest:
             raise SystemExit("error: `supsup registry export BANK --dest FILE.parquet`")
-        path = registry.export(args.bank, Path(args.dest))
-        print(f"exported {args.bank} to {path}")
+        source = export_bank(registry, args.bank, Path(args.dest))
+        print(f"exported {source.describe()} to {args.dest}")
         return 0
     raise SystemExit(f"error: unknown registry action {args.action!r}")
 

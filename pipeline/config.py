@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.paths import resolve_root
 from supsup.networks import NETWORKS, NetworkSpec
 from supsup.train import TrainConfig
 
@@ -113,8 +114,15 @@ class ClusterSection(_Section):
 
 
 class RegistrySection(_Section):
-    root: str = "runs/registry"
+    # A folder or a pyarrow filesystem URI; a relative folder is made absolute here, once, so
+    # every worker that receives this config writes to the same place.
+    root: str = Field("runs/registry", validate_default=True)
     bank: str | None = None  # default: the experiment name
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return resolve_root(v)
 
 
 class TrackingSection(_Section):
@@ -356,10 +364,20 @@ class ExperimentConfig(_Section):
         )
 
     def mask_info(self) -> dict[str, Any]:
-        """What decides the masks: stored in the registry manifest, so banks never mix rules."""
-        t = self.train
-        return {"rule": t.rule, "density": t.density, "erdos_renyi_scale": t.erdos_renyi_scale,
-                "family": self.tasks.family, "dataset": self.data.dataset}
+        """What decides the masks besides the network: the mask rule, the task family and the
+        data set. Stored in the bank's manifest and compared with the config by every job, so a
+        bank never mixes rules, task families or data sets."""
+        t, tasks, d = self.train, self.tasks, self.data
+        info: dict[str, Any] = {
+            "rule": t.rule, "density": t.density, "erdos_renyi_scale": t.erdos_renyi_scale,
+            "family": tasks.family, "dataset": d.dataset, "image_size": d.image_size,
+            "test_fraction": d.test_fraction,
+        }
+        if tasks.family == "rotated":
+            info["degrees"] = tasks.degrees
+        if tasks.family == "split":
+            info["classes_per_task"] = tasks.classes_per_task
+        return info
 
     def flat_params(self) -> dict[str, str]:
         """Dotted key -> value strings, for MLflow params."""

@@ -33,7 +33,7 @@ from typing import Any
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, tracked_run
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, load_bank
 from supsup.discovery import DiscoveryConfig
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def evaluate_worker(config_data: dict[str, Any]) -> list[dict[str, Any]]:
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
     device = _device(config)
-    bank, spec = MaskRegistry(config.registry.root).load_bank(config.bank, device=device)
+    bank, spec = load_bank(MaskRegistry(config.registry.root).source(config.bank), device)
     net = build_net(spec).to(device)
     tasks = build_tasks(config)
     e = config.evaluate

@@ -9,17 +9,19 @@ its first k tasks, as it stood when k tasks were learned).
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.bank_source import BankSource
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_net, build_tasks, task_groups
-from pipeline.registry import MaskRegistry
+from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.registry import check_matches, load_bank, read_manifest
+from pipeline.registry.manifest import build_manifest
+from supsup.bank import describe_ids
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +55,15 @@ class EvalReport:
         }
 
 
-@functools.lru_cache(maxsize=2)
-def _load_bank(root: str, bank: str) -> Any:
-    # Reused across the groups a worker process evaluates.
-    return MaskRegistry(root).load_bank(bank)
-
-
-def load_source(source: dict[str, Any]) -> Any:
-    """(MaskBank, NetworkSpec) from a registry source {"root", "bank"}."""
-    return _load_bank(source["root"], source["bank"])
-
-
 def evaluate_group_worker(
     config_data: dict[str, Any],
-    source: dict[str, Any],
+    source: BankSource,
     task_ids: list[int],
     candidates: list[int] | None,
 ) -> list[dict[str, Any]]:
-    """Runs inside a Ray worker: evaluate `task_ids`, inferring among `candidates`."""
+    """Runs inside a Ray worker: evaluate `task_ids`, inferring among `candidates`.
+
+    The worker loads the source itself (verified against its hashes), once per process."""
     import torch
 
     from pipeline.config import ExperimentConfig
@@ -78,12 +71,9 @@ def evaluate_group_worker(
 
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
-    bank, spec = load_source(source)
+    bank, spec = load_bank(source, cache=True)
     tasks = build_tasks(config)
     net = build_net(spec)
-    if tuple(spec.input_shape) != tasks.input_shape:
-        raise ValueError(f"bank {source['bank']!r} was trained on inputs {spec.input_shape}, "
-                         f"the config's tasks have {tasks.input_shape}")
     e = config.evaluate
     out = []
     for t in task_ids:
@@ -97,6 +87,16 @@ def evaluate_group_worker(
         row["seconds"] = time.perf_counter() - start
         out.append(row)
     return out
+
+
+def check_config_against_bank(config: ExperimentConfig, source: BankSource) -> None:
+    """BankMismatchError naming each value where `config` differs from the bank's manifest."""
+    manifest = read_manifest(source)
+    tasks = build_tasks(config)
+    net = build_net(build_spec(config, tasks))
+    wanted = build_manifest(source.bank, net.spec, net.layer_shapes(), net.bn_features(),
+                            config.mask_info())
+    check_matches(manifest, wanted, source.describe())
 
 
 def curve_points(task_ids: list[int], points: int) -> list[int]:
@@ -118,22 +118,26 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_evaluation(
     config: ExperimentConfig,
-    source: dict[str, Any],
+    source: BankSource,
     *,
     task_ids: list[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     address: str | None = None,
 ) -> EvalReport:
-    """Evaluate the bank at `source` ({"root", "bank"}) on the tasks of `config`."""
+    """Evaluate exactly the bank content `source` names on the tasks of `config`.
+
+    The config must describe the bank (seed, network, task family, data set, mask rule):
+    BankMismatchError naming both values otherwise, before any worker starts.
+    """
     import ray
 
     start = time.perf_counter()
-    bank, _ = load_source(source)
-    ids = sorted(bank.task_ids) if task_ids is None else list(task_ids)
-    missing = [t for t in ids if t not in bank]
+    check_config_against_bank(config, source)
+    ids = list(source.task_ids) if task_ids is None else list(task_ids)
+    missing = [t for t in ids if t not in set(source.task_ids)]
     if missing:
-        raise KeyError(f"tasks {missing[:10]} are not in bank {source['bank']!r}")
-    ids_sorted = sorted(bank.task_ids)
+        raise KeyError(f"{describe_ids(missing)} are not in {source.describe()}")
+    ids_sorted = list(source.task_ids)
     jobs: list[tuple[str, int, list[int], list[int] | None]] = [
         ("final", len(ids_sorted), g, None) for g in task_groups(ids, config.evaluate.group_size)
     ]
@@ -173,5 +177,5 @@ def run_evaluation(
     e = config.evaluate
     settings = {"method": e.method, "objective": e.objective, "mode": e.mode,
                 "batch_size": e.batch_size, "max_batches": e.max_batches, "gn": e.gn}
-    return EvalReport(source["bank"], source, rows, summary, curve, settings,
+    return EvalReport(source.bank, source.to_dict(), rows, summary, curve, settings,
                       time.perf_counter() - start)

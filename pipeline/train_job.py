@@ -39,6 +39,7 @@ class TrainSummary:
     seconds: float = 0.0
     run_id: str | None = None
     model_version: int | None = None
+    publication: Any = None  # pipeline.publish.Publication, set once the bank is published
 
     @property
     def tasks_per_hour(self) -> float:
@@ -81,14 +82,20 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
 
 
 def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
-    """Create (or check) the bank's manifest; returns the registry and the tasks already stored."""
+    """Create the bank's manifest, or check the config against it; returns the registry and the
+    tasks already stored.
+
+    BankMismatchError naming both values when the config differs from the bank (seed, network,
+    task family, data set, mask rule), and when stored task files were written under another
+    manifest: they are never adopted, and never retrained over.
+    """
     tasks = build_tasks(config)
     spec = build_spec(config, tasks)
     net = build_net(spec)
     registry = MaskRegistry(config.registry.root)
     registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
                          config.mask_info())
-    return registry, registry.tasks(config.bank)
+    return registry, list(registry.source(config.bank).task_ids)
 
 
 def run_training(
@@ -110,7 +117,7 @@ def run_training(
     done = set(stored)
     groups = [g for g in task_groups(all_ids, config.train.group_size)
               if not set(g) <= done]
-    summary = TrainSummary(config.bank, config.registry.root, len(all_ids),
+    summary = TrainSummary(config.bank, registry.root, len(all_ids),
                            skipped=sorted(done & set(all_ids)))
     total = len(all_ids)
     finished = len(summary.skipped)

@@ -9,6 +9,7 @@ bit in any process, whatever else was built before.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,15 +117,18 @@ class SupermaskNet(nn.Module):
 
 def _fc(spec: NetworkSpec, default_hidden: tuple[int, ...]) -> nn.Module:
     sizes = [int(torch.tensor(spec.input_shape).prod()), *(spec.hidden or default_hidden)]
-    layers: list[nn.Module] = [InputFlatten(len(spec.input_shape))]
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [MaskedLinear(a, b), nn.ReLU()]
-    layers.append(MaskedLinear(sizes[-1], spec.num_outputs))
-    return nn.Sequential(*layers)
+    layers: dict[str, nn.Module] = {"flatten": InputFlatten(len(spec.input_shape))}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        layers[f"fc{i}"] = MaskedLinear(a, b)
+        layers[f"relu{i}"] = nn.ReLU()
+    layers[f"fc{len(sizes)}"] = MaskedLinear(sizes[-1], spec.num_outputs)
+    return nn.Sequential(OrderedDict(layers))
 
 
-def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> list[nn.Module]:
-    return [MaskedConv2d(c_in, c_out, k, stride=stride, padding=k // 2), TaskBatchNorm2d(c_out)]
+def _conv_bn(n: int, c_in: int, c_out: int, k: int, stride: int = 1) -> dict[str, nn.Module]:
+    """conv{n} and bn{n}: layers are named, so stored masks say which parameter they mask."""
+    return {f"conv{n}": MaskedConv2d(c_in, c_out, k, stride=stride, padding=k // 2),
+            f"bn{n}": TaskBatchNorm2d(c_out)}
 
 
 def _small_conv(spec: NetworkSpec) -> nn.Module:
@@ -132,20 +136,22 @@ def _small_conv(spec: NetworkSpec) -> nn.Module:
     c, h, w = spec.input_shape
     width = spec.width or 32
     feat = 2 * width * (h // 4) * (w // 4)
-    return nn.Sequential(
-        *_conv_bn(c, width, 3), nn.ReLU(), nn.MaxPool2d(2),
-        *_conv_bn(width, 2 * width, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), MaskedLinear(feat, 256), nn.ReLU(), MaskedLinear(256, spec.num_outputs),
-    )
+    return nn.Sequential(OrderedDict({
+        **_conv_bn(1, c, width, 3), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
+        **_conv_bn(2, width, 2 * width, 3), "relu2": nn.ReLU(), "pool2": nn.MaxPool2d(2),
+        "flatten": nn.Flatten(), "fc1": MaskedLinear(feat, 256), "relu3": nn.ReLU(),
+        "fc2": MaskedLinear(256, spec.num_outputs),
+    }))
 
 
 class _BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
-        self.main = nn.Sequential(*_conv_bn(c_in, c_out, 3, stride), nn.ReLU(),
-                                  *_conv_bn(c_out, c_out, 3))
+        self.main = nn.Sequential(OrderedDict({**_conv_bn(1, c_in, c_out, 3, stride),
+                                               "relu": nn.ReLU(), **_conv_bn(2, c_out, c_out, 3)}))
         self.shortcut = (
-            nn.Sequential(MaskedConv2d(c_in, c_out, 1, stride=stride), TaskBatchNorm2d(c_out))
+            nn.Sequential(OrderedDict({"conv": MaskedConv2d(c_in, c_out, 1, stride=stride),
+                                       "bn": TaskBatchNorm2d(c_out)}))
             if stride != 1 or c_in != c_out else nn.Identity()
         )
 
@@ -156,15 +162,18 @@ class _BasicBlock(nn.Module):
 def _resnet18(spec: NetworkSpec) -> nn.Module:
     """ResNet-18 for 32x32 inputs with `width` base channels (the paper's 20 for SplitCIFAR100)."""
     width = spec.width or 20
-    layers: list[nn.Module] = [*_conv_bn(spec.input_shape[0], width, 3), nn.ReLU()]
+    layers: dict[str, nn.Module] = {**_conv_bn(1, spec.input_shape[0], width, 3),
+                                    "relu": nn.ReLU()}
     c_in = width
     for stage, mult in enumerate((1, 2, 4, 8)):
         c_out = width * mult
         for block in range(2):
-            layers.append(_BasicBlock(c_in, c_out, 2 if stage > 0 and block == 0 else 1))
+            layers[f"layer{stage + 1}_{block}"] = _BasicBlock(
+                c_in, c_out, 2 if stage > 0 and block == 0 else 1)
             c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(c_in, spec.num_outputs)]
-    return nn.Sequential(*layers)
+    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                  fc=MaskedLinear(c_in, spec.num_outputs))
+    return nn.Sequential(OrderedDict(layers))
 
 
 def _resnet50(spec: NetworkSpec) -> nn.Module:

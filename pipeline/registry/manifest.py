@@ -1,0 +1,161 @@
+"""A bank's manifest: what every mask of the bank is defined against, and its content hash.
+
+The manifest (`{root}/{bank}/_manifest.json`; Arrow's dataset readers skip names starting with
+"_", so the bank folder reads as one Parquet dataset) holds the base network's spec and seed
+(Section 3.1: only the seed is stored, never the weights), the masked parameters and their
+shapes, the BatchNorm layers, the mask rule and the task family and data set. Its hash
+(`manifest_sha256`) covers exactly those fields: neither the bank's name (an exported bank
+imported under another name keeps its identity) nor its creation time. Every task file records
+the hash of the manifest it was written under, so an edited manifest, or a task file from another
+bank, is detected wherever the bank is read.
+
+Masked layers are keyed by the name of the parameter their mask multiplies ("fc1.weight"), BN
+layers by their module path ("bn1"), never by positions inside a Sequential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from supsup.networks import NetworkSpec
+
+FORMAT = 2
+MANIFEST_FILE = "_manifest.json"
+LEGACY_MANIFEST_FILE = "manifest.json"
+IDENTITY_FIELDS = ("format", "network", "layer_shapes", "bn_features", "mask")
+_WEIGHT = ".weight"
+ADVICE = "run `supsup registry verify` on the bank to list every damaged task"
+
+
+class RegistryCorruptError(ValueError):
+    """A registry file is unreadable, truncated, fails its checksums or belongs elsewhere."""
+
+
+class BankMismatchError(ValueError):
+    """A config, or the files of a bank, disagree with the bank's manifest."""
+
+
+def param_name(layer: str) -> str:
+    """The parameter a masked layer's mask multiplies, as stored: "fc1" -> "fc1.weight"."""
+    return f"{layer}{_WEIGHT}"
+
+
+def layer_key(param: str) -> str:
+    """The network's layer key of a stored parameter name: "fc1.weight" -> "fc1"."""
+    if not param.endswith(_WEIGHT):
+        raise RegistryCorruptError(f"masked parameter {param!r} does not end in {_WEIGHT!r}")
+    return param[: -len(_WEIGHT)]
+
+
+def canonical(value: Any, what: str) -> Any:
+    """JSON round trip (tuples become lists), with a ValueError naming `what` on failure."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def build_manifest(
+    bank: str,
+    network_spec: Mapping[str, Any] | NetworkSpec,
+    layer_shapes: Mapping[str, Sequence[int]],
+    bn_features: Mapping[str, int] | None,
+    mask_info: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A validated manifest for layers keyed as the network keys them ("fc1", "bn1")."""
+    spec = (network_spec if isinstance(network_spec, NetworkSpec)
+            else NetworkSpec.from_dict(dict(network_spec)))
+    if not layer_shapes:
+        raise ValueError("layer_shapes is empty: a bank needs at least one masked layer")
+    shapes: dict[str, list[int]] = {}
+    for layer, shape in layer_shapes.items():
+        dims = [int(d) for d in shape]
+        if not dims or min(dims) < 1:
+            raise ValueError(f"layer_shapes[{layer!r}] = {list(shape)} must be positive dims")
+        shapes[param_name(str(layer))] = dims
+    feats: dict[str, int] = {}
+    for layer, c in (bn_features or {}).items():
+        if int(c) < 1:
+            raise ValueError(f"bn_features[{layer!r}] = {c} must be a positive channel count")
+        feats[str(layer)] = int(c)
+    if not isinstance(mask_info, Mapping):
+        raise ValueError(f"mask_info must be a mapping (rule, density, ...), got {mask_info!r}")
+    return {
+        "format": FORMAT,
+        "bank": bank,
+        "network": spec.to_dict(),
+        "layer_shapes": shapes,
+        "bn_features": feats,
+        "mask": canonical(dict(mask_info), "mask_info"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """Hex sha256 of the manifest's identity fields (canonical JSON, sorted keys)."""
+    core = {k: manifest[k] for k in IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def layer_shapes(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Masked layer shapes keyed as the network keys its layers ("fc1")."""
+    return {layer_key(p): s for p, s in manifest["layer_shapes"].items()}
+
+
+def parse_manifest(path: str, bank: str | None, raw: bytes) -> dict[str, Any]:
+    """A manifest read from `raw`; RegistryCorruptError naming `path` when it is not one."""
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise RegistryCorruptError(
+            f"{path}: manifest is not valid JSON ({exc}); {ADVICE}") from None
+    if manifest.get("format") != FORMAT:
+        raise RegistryCorruptError(
+            f"{path}: manifest format {manifest.get('format')!r} is not supported (this version "
+            f"reads format {FORMAT}, whose task files record their manifest's hash); train the "
+            "bank again under a new bank name")
+    missing = [k for k in ("bank", *IDENTITY_FIELDS) if k not in manifest]
+    if missing:
+        raise RegistryCorruptError(f"{path}: manifest lacks {missing}; {ADVICE}")
+    if bank is not None and manifest["bank"] != bank:
+        raise RegistryCorruptError(f"{path}: manifest names bank {manifest['bank']!r}, not "
+                                   f"{bank!r} (was the folder renamed?); {ADVICE}")
+    try:
+        NetworkSpec.from_dict(dict(manifest["network"]))
+        layer_shapes(manifest)
+    except (TypeError, ValueError) as exc:
+        raise RegistryCorruptError(f"{path}: manifest's network is not valid ({exc}); "
+                                   f"{ADVICE}") from None
+    return manifest
+
+
+def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """'field.key: bank has X, given Y' for every differing identity entry of two manifests."""
+    out: list[str] = []
+    for key in IDENTITY_FIELDS[1:]:
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: bank has {a.get(k, '<absent>')}, given {b.get(k, '<absent>')}"
+                    for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: bank has {a}, given {b}")
+    return out
+
+
+def check_matches(stored: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
+    """BankMismatchError naming every differing value when `wanted` is not the bank's manifest.
+
+    `where` says what the bank is (e.g. "bank 'quickstart' in /abs/registry").
+    """
+    diffs = differences(stored, wanted)
+    if diffs:
+        raise BankMismatchError(
+            f"{where} was made with a different configuration: {'; '.join(diffs[:8])}. A bank "
+            "never mixes base networks, seeds, task families, data sets or mask rules: use the "
+            "configuration the bank was trained with, or a new bank name (registry.bank)")

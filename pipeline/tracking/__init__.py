@@ -1,0 +1,35 @@
+"""MLflow for SupSup runs and banks: the only package that imports mlflow.
+
+- client: tracking URIs and clients (SQLite files or an `mlflow server`);
+- runs: `Tracker`, the driver's runs, params, metrics and artifacts;
+- pyfunc: `SupSupModel`, a registered bank as a pyfunc model that infers tasks;
+- model_registry: registering a bank's content once, finding versions, the BankSource a version
+  pins.
+"""
+
+from pipeline.tracking.client import resolve_tracking_uri
+from pipeline.tracking.model_registry import (
+    Registration,
+    load_bank_from_model,
+    lookup,
+    model_source,
+    register_bank,
+    run_config_text,
+)
+from pipeline.tracking.pyfunc import BANK_FILE, MODEL_JSON, SupSupModel
+from pipeline.tracking.runs import PARAM_VALUE_LIMIT, Tracker
+
+__all__ = [
+    "BANK_FILE",
+    "MODEL_JSON",
+    "PARAM_VALUE_LIMIT",
+    "Registration",
+    "SupSupModel",
+    "Tracker",
+    "load_bank_from_model",
+    "lookup",
+    "model_source",
+    "register_bank",
+    "resolve_tracking_uri",
+    "run_config_text",
+]

@@ -1,0 +1,192 @@
+"""The registered model: a mask bank as an MLflow pyfunc that infers the task, then classifies.
+
+`SupSupModel` rebuilds the fixed random network from its seed (Section 3.1) and loads the bank
+named by the model's description (`model.json`: a BankSource, network, mask rule, inference
+defaults) through `pipeline.registry.load_bank`, which checks the masks against the registered
+snapshot. `predict` infers each input's task from the gradient of the objective with respect to the
+superposition coefficients (Section 3.3), then classifies with the inferred task's mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModelContext
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+from pipeline.bank_source import BankSource
+from pipeline.registry import load_bank
+from pipeline.tracking.client import quiet
+from supsup.bank import MaskBank
+from supsup.binding import use_task
+from supsup.inference import METHODS, MODES, infer_task
+from supsup.networks import NetworkSpec, SupermaskNet, build_network
+from supsup.objectives import OBJECTIVES
+
+MODEL_FORMAT = 2
+MODEL_KIND = "supsup-mask-bank"
+MODEL_JSON = "model.json"
+BANK_FILE = "bank.parquet"
+INFERENCE_DEFAULTS = {"method": "one_shot", "objective": "entropy", "mode": "batch"}
+_INFERENCE_CHOICES = {"method": METHODS, "objective": OBJECTIVES, "mode": MODES}
+_PER_EXAMPLE_ROWS = 64  # per_example inference keeps (rows, weights) gradients: bound the rows
+
+
+def model_bank_source(info: Mapping[str, Any], bank_file: str | None = None) -> BankSource:
+    """The BankSource a model description pins: read from `bank_file` (the embedded masks,
+    downloaded) when given, else from the mask registry it names."""
+    return BankSource.from_dict(info["source"], export=bank_file)
+
+
+def check_inference_defaults(given: Mapping[str, str] | None) -> dict[str, str]:
+    out = dict(INFERENCE_DEFAULTS)
+    for key, value in (given or {}).items():
+        if key not in _INFERENCE_CHOICES:
+            raise ValueError(f"inference_defaults: unknown key {key!r}; known: "
+                             f"{sorted(_INFERENCE_CHOICES)}")
+        if value not in _INFERENCE_CHOICES[key]:
+            raise ValueError(f"inference_defaults[{key!r}] = {value!r}; choose one of "
+                             f"{_INFERENCE_CHOICES[key]}")
+        out[key] = value
+    return out
+
+
+def signature(spec: NetworkSpec, defaults: Mapping[str, str]) -> ModelSignature:
+    """Flattened float32 rows in; task_id, class and confidence per row out; inference params."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, math.prod(spec.input_shape)))]),
+        outputs=Schema([ColSpec("long", "task_id"), ColSpec("long", "class"),
+                        ColSpec("double", "confidence")]),
+        params=ParamSchema([ParamSpec(k, "string", v) for k, v in defaults.items()]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """The packages the model needs at load time (given, so MLflow does not load it to guess)."""
+    import pyarrow
+
+    def pin(name: str, version: str) -> str:
+        return f"{name}=={version.split('+')[0]}"
+
+    return [pin("mlflow", mlflow.__version__), pin("torch", torch.__version__),
+            pin("numpy", np.__version__), pin("pandas", pd.__version__),
+            pin("pyarrow", pyarrow.__version__)]
+
+
+def code_paths() -> list[str]:
+    """supsup and pipeline travel with the model, so a bare environment can load it."""
+    import pipeline
+    import supsup
+
+    return [str(Path(supsup.__file__).parent), str(Path(pipeline.__file__).parent)]
+
+
+class SupSupModel(mlflow.pyfunc.PythonModel):
+    """A registered mask bank: infers each input's task, then classifies with that task's mask.
+
+    Input: float32 rows, already normalised as in training, flattened to (B, prod(input_shape))
+    (the signature's form, also as a DataFrame of that many columns); called directly, `predict`
+    also takes (B, *input_shape). Output: a DataFrame with task_id, class and confidence per row.
+    Params: method (one_shot | binary), objective (entropy | g), mode (one_image | batch: one task
+    per call; per_example: one task per row); defaults come from the registration.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Rebuild the base network from its seed, and load exactly the registered masks: from the
+        embedded bank file, or from the registry, which must still hold the pinned snapshot."""
+        quiet()
+        info = read_model_json(context.artifacts["model_json"])
+        self.info = info
+        self.source = model_bank_source(info, context.artifacts.get("bank"))
+        self.bank, self.spec = load_bank(self.source)
+        self.defaults = dict(info["inference_defaults"])
+        self.net: SupermaskNet = build_network(self.spec).eval()
+        self._lock = threading.Lock()  # bindings are installed on the shared network per call
+
+    def predict(self, context: PythonModelContext, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Task, class and confidence for each row of `model_input` (see the class docstring)."""
+        options = dict(self.defaults)
+        for key, value in (params or {}).items():
+            if key not in _INFERENCE_CHOICES:
+                raise ValueError(f"unknown param {key!r}; known: {sorted(_INFERENCE_CHOICES)}")
+            if value is not None:
+                if value not in _INFERENCE_CHOICES[key]:
+                    raise ValueError(f"param {key}={value!r}; choose one of "
+                                     f"{_INFERENCE_CHOICES[key]}")
+                options[key] = value
+        x = _as_batch(model_input, self.spec.input_shape)
+        with self._lock:
+            return _predict(self.net, self.bank, x, options)
+
+
+def _as_batch(model_input: Any, input_shape: Sequence[int]) -> torch.Tensor:
+    """(B, *input_shape) float32 from rows (B, prod(shape)) or images; ValueError otherwise."""
+    if isinstance(model_input, pd.DataFrame):
+        model_input = model_input.to_numpy()
+    if isinstance(model_input, torch.Tensor):
+        model_input = model_input.detach().cpu().numpy()
+    arr = np.asarray(model_input)
+    if arr.dtype.kind not in "fiub":
+        raise ValueError(f"model input must be numeric, got dtype {arr.dtype}")
+    shape = tuple(int(d) for d in input_shape)
+    flat = math.prod(shape)
+    if arr.ndim == 2 and arr.shape[1] == flat:
+        arr = arr.reshape(arr.shape[0], *shape)
+    elif arr.ndim != 1 + len(shape) or tuple(arr.shape[1:]) != shape:
+        raise ValueError(f"model input has shape {arr.shape}; expected (B, {flat}) flattened rows "
+                         f"or (B, {', '.join(map(str, shape))})")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("model input holds NaN or infinite values")
+    return x
+
+
+def _predict(net: SupermaskNet, bank: MaskBank, x: torch.Tensor,
+             options: Mapping[str, str]) -> pd.DataFrame:
+    n = x.shape[0]
+    if n == 0:
+        return pd.DataFrame({"task_id": np.zeros(0, np.int64), "class": np.zeros(0, np.int64),
+                             "confidence": np.zeros(0, np.float64)})
+    mode = options["mode"]
+    step = _PER_EXAMPLE_ROWS if mode == "per_example" else n
+    task_ids, confidence = [], []
+    for start in range(0, n, step):
+        result = infer_task(net, bank, x[start:start + step], method=options["method"],
+                            objective=options["objective"], mode=mode)
+        task_ids.append(result.task_ids)
+        confidence.append(result.confidence)
+    chosen = torch.cat(task_ids)
+    classes = torch.empty(n, dtype=torch.long)
+    with torch.no_grad():
+        for t in chosen.unique().tolist():
+            sel = chosen == t
+            with use_task(net, bank, int(t)):
+                classes[sel] = net(x[sel])[:, :net.spec.num_classes].argmax(-1)
+    return pd.DataFrame({"task_id": chosen.numpy().astype(np.int64),
+                         "class": classes.numpy().astype(np.int64),
+                         "confidence": torch.cat(confidence).numpy().astype(np.float64)})
+
+
+def read_model_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable model description ({exc})") from None
+    if not isinstance(info, dict) or info.get("kind") != MODEL_KIND:
+        raise ValueError(f"{path} does not describe a SupSup mask bank model")
+    if info.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: model format {info.get('format')!r} is not supported (this "
+                         f"version reads format {MODEL_FORMAT}); upgrade supsup-pipeline")
+    return info

@@ -1,0 +1,233 @@
+"""MLflow runs of one experiment: the Tracker that jobs log params, metrics and artifacts with.
+
+SQLite takes one writer at a time, so only the driver process writes to MLflow; Ray workers return
+their results and the driver logs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+from pipeline.tracking.client import (
+    as_text,
+    chunks,
+    client_for,
+    is_missing,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+logger = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 500  # the oldest MLflow servers' limit; longer values go to an artifact
+_BATCH = 100  # MLflow's limit on params/tags per log_batch call
+_METRIC_BATCH = 1000
+
+
+class Tracker:
+    """Runs of one MLflow experiment: params, metrics, per-task metrics, artifacts, model versions.
+
+    Only the driver process uses a Tracker: SQLite takes no concurrent writers ("database is
+    locked"), so Ray workers return their results and the driver logs them. Not thread-safe.
+    The experiment is created if missing; its artifacts go to `artifact_location`, by default a
+    folder `mlartifacts` beside the SQLite file (for http URIs the server decides), so nothing
+    lands in ./mlruns.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str,
+                 artifact_location: str | os.PathLike[str] | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        if not experiment or not isinstance(experiment, str):
+            raise ValueError(f"experiment must be a non-empty name, got {experiment!r}")
+        self.experiment = experiment
+        self.client = client_for(self.tracking_uri)
+        self.experiment_id = self._ensure_experiment(artifact_location)
+        self._runs: list[str] = []
+
+    @property
+    def open_runs(self) -> list[str]:
+        """Ids of the runs opened with `run()` that are still open, outermost first."""
+        return list(self._runs)
+
+    def __repr__(self) -> str:
+        return f"Tracker({self.tracking_uri!r}, {self.experiment!r})"
+
+    def _default_artifact_location(self) -> str | None:
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            return (db.parent / "mlartifacts").resolve().as_uri()
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None  # the server's --artifacts-destination
+        raise ValueError(
+            f"tracking URI {self.tracking_uri!r}: pass artifact_location (a folder or object-store "
+            "URI) so artifacts do not land in ./mlruns")
+
+    def _ensure_experiment(self, artifact_location: str | os.PathLike[str] | None) -> str:
+        wanted = None
+        if artifact_location is not None:
+            loc = os.fspath(artifact_location)
+            wanted = loc if "://" in loc else Path(loc).resolve().as_uri()
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = wanted or self._default_artifact_location()
+            try:
+                return self.client.create_experiment(self.experiment, location)
+            except MlflowException as exc:  # another driver created it meanwhile
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise ValueError(f"could not create experiment {self.experiment!r} at "
+                                     f"{self.tracking_uri}: {exc.message}") from None
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"experiment {self.experiment!r} at {self.tracking_uri} is deleted: restore it "
+                f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or choose "
+                "another experiment name")
+        if wanted is not None and exp.artifact_location.rstrip("/") != wanted.rstrip("/"):
+            raise ValueError(
+                f"experiment {self.experiment!r} already stores its artifacts at "
+                f"{exp.artifact_location}, not {wanted}: leave artifact_location unset or choose "
+                "another experiment name")
+        return exp.experiment_id
+
+    # ------------------------------------------------------------------------------ runs
+    @property
+    def run_id(self) -> str:
+        """The innermost run opened with `run()`; ValueError outside one."""
+        if not self._runs:
+            raise ValueError("no active run: log inside `with tracker.run(...)` or pass run_id")
+        return self._runs[-1]
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, tags: Mapping[str, Any] | None = None,
+            parent_run_id: str | None = None) -> Iterator[str]:
+        """Open a run and yield its id; it ends FINISHED, or FAILED/KILLED on an exception.
+
+        A run opened inside another one (or given `parent_run_id`) is its nested child, as MLflow
+        shows sweeps: the child carries the parent's id in the mlflow.parentRunId tag.
+        """
+        parent = parent_run_id or (self._runs[-1] if self._runs else None)
+        all_tags = {k: as_text(v) for k, v in (tags or {}).items()}
+        all_tags["mlflow.runName"] = run_name
+        if parent is not None:
+            try:
+                self.client.get_run(parent)
+            except MlflowException as exc:
+                if is_missing(exc):
+                    raise KeyError(f"parent run {parent!r} does not exist at "
+                                   f"{self.tracking_uri}") from None
+                raise
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+        self._runs.append(run_id)
+        status = RunStatus.to_string(RunStatus.FAILED)
+        try:
+            yield run_id
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        except KeyboardInterrupt:
+            status = RunStatus.to_string(RunStatus.KILLED)
+            raise
+        finally:
+            self._runs.remove(run_id)
+            try:
+                self.client.set_terminated(run_id, status)
+            except MlflowException as exc:
+                logger.warning("could not mark run %s %s: %s", run_id, status, exc.message)
+
+    def log_params(self, params: Mapping[str, Any], run_id: str | None = None) -> None:
+        """Log params as strings. Values longer than PARAM_VALUE_LIMIT are cut, and the whole
+        value goes to the artifact params/<key>.txt. Params are immutable in MLflow: logging a
+        key again with another value is a ValueError naming the key."""
+        run_id = run_id or self.run_id
+        entries = []
+        for key, value in params.items():
+            text = as_text(value)
+            if len(text) > PARAM_VALUE_LIMIT:
+                marker = f"... [{len(text)} chars: see artifact params/{key}.txt]"
+                self.client.log_text(run_id, text, f"params/{key}.txt")
+                text = text[:PARAM_VALUE_LIMIT - len(marker)] + marker
+            entries.append(Param(str(key), text))
+        for chunk in chunks(entries, _BATCH):
+            try:
+                self.client.log_batch(run_id, params=list(chunk))
+            except MlflowException as exc:
+                stored = self.client.get_run(run_id).data.params
+                clash = [p.key for p in chunk if p.key in stored and stored[p.key] != p.value]
+                if clash:
+                    raise ValueError(
+                        f"run {run_id} already has params {clash} with other values (stored "
+                        f"{[stored[k] for k in clash]}); params never change: start a new run or "
+                        "log the new values as metrics or tags") from None
+                raise ValueError(f"MLflow rejected params {[p.key for p in chunk][:10]} of run "
+                                 f"{run_id}: {exc.message}") from None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None,
+                    run_id: str | None = None) -> None:
+        """Log numeric metrics at `step` (0 when None); ValueError naming a non-numeric one."""
+        run_id = run_id or self.run_id
+        now = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ValueError(f"metric {key!r} must be a number, got {value!r} "
+                                 f"({type(value).__name__})")
+            entries.append(Metric(str(key), float(value), now, int(step or 0)))
+        for chunk in chunks(entries, _METRIC_BATCH):
+            try:
+                self.client.log_batch(run_id, metrics=list(chunk))
+            except MlflowException as exc:
+                raise ValueError(f"MLflow rejected metrics {[m.key for m in chunk][:10]} of run "
+                                 f"{run_id}: {exc.message}") from None
+
+    def log_task_metrics(self, task_id: int, metrics: Mapping[str, Any],
+                         run_id: str | None = None, prefix: str = "task") -> None:
+        """Per-task metrics as `task/<name>` at step = task_id, so MLflow plots them per task."""
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or task_id < 0:
+            raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
+        self.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=int(task_id),
+                         run_id=run_id)
+
+    def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
+        """Set run tags (values as strings; tags, unlike params, may be overwritten)."""
+        run_id = run_id or self.run_id
+        entries = [RunTag(str(k), as_text(v)) for k, v in tags.items()]
+        for chunk in chunks(entries, _BATCH):
+            self.client.log_batch(run_id, tags=list(chunk))
+
+    def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
+        """Store `text` as the run artifact `artifact_file` (e.g. "config.yaml")."""
+        self.client.log_text(run_id or self.run_id, text, artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str,
+                 run_id: str | None = None) -> None:
+        """Store `data` as a JSON (or YAML, by extension) run artifact."""
+        self.client.log_dict(run_id or self.run_id, dict(data), artifact_file)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None,
+                     run_id: str | None = None) -> None:
+        """Copy a local file or folder into the run's artifacts (under `artifact_path`)."""
+        local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(f"artifact {local} does not exist")
+        run_id = run_id or self.run_id
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(local), artifact_path)
+
+    def get_run(self, run_id: str | None = None) -> Any:
+        """The MLflow Run entity (info, data.params, data.metrics, data.tags)."""
+        return self.client.get_run(run_id or self.run_id)
