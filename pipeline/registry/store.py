@@ -28,14 +28,15 @@ from pipeline.paths import resolve_root
 logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
+READS: Counter[str] = Counter()  # files opened for reading in this process, by path
 _NOT_LINKABLE = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS}
 
 
 class Store:
     """Files under one resolved registry root, with atomic first-writer-wins publication.
 
-    `opened` counts the files opened for reading, by path: publication promises to read each
-    task file once, and tests hold it to that.
+    Every file opened for reading is counted in `READS` (by path, for the whole process):
+    publication promises to read each task file once, and tests hold it to that.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -46,7 +47,6 @@ class Store:
             self.fs, path = pafs.LocalFileSystem(), self.root
         self.base = path.rstrip("/")
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.opened: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -65,11 +65,11 @@ class Store:
 
     def open_input(self, path: str) -> pafs.NativeFile:
         """A random-access reader (Parquet footers are read from the end)."""
-        self.opened[path] += 1
+        READS[path] += 1
         return self.fs.open_input_file(path)
 
     def read_bytes(self, path: str) -> bytes:
-        self.opened[path] += 1
+        READS[path] += 1
         with self.fs.open_input_stream(path) as f:
             return f.read()
 

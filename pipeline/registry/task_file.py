@@ -287,8 +287,14 @@ def recorded_hashes(kv: Mapping[bytes, bytes]) -> tuple[str, str]:
 
 def read_footer(store: Store, path: str) -> dict[bytes, bytes]:
     """A task file's key-value metadata, from its footer alone."""
-    with store.open_input(path) as f:
-        return dict(pq.ParquetFile(f).metadata.metadata or {})
+    try:
+        with store.open_input(path) as f:
+            return dict(pq.ParquetFile(f).metadata.metadata or {})
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise RegistryCorruptError(
+            f"{path}: unreadable or truncated Parquet file ({exc}); {ADVICE}") from None
 
 
 def read_task_file(store: Store, path: str, bank: str, task_id: int,

@@ -16,11 +16,16 @@ import pytest
 import torch
 
 from pipeline.registry import (
+    BankMismatchError,
     MaskRegistry,
     RegistryConflictError,
     RegistryCorruptError,
+    export_bank,
+    import_file,
+    load_bank,
     row_checksum,
 )
+from pipeline.registry.manifest import layer_shapes
 from supsup.masks import pack_bits
 from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
@@ -67,10 +72,11 @@ def test_round_trip_is_bit_exact(tmp_path: Path, lenet: tuple) -> None:
     assert not root.exists() and reg.banks() == []  # nothing is created before the first write
     reg = _filled(root, lenet)
     assert reg.banks() == ["b"] and reg.tasks("b") == [0, 1, 2]
-    manifest = json.loads((root / "b" / "manifest.json").read_text())
-    assert manifest["format"] == 1 and manifest["bank"] == "b"
+    manifest = json.loads((root / "b" / "_manifest.json").read_text())
+    assert manifest["format"] == 2 and manifest["bank"] == "b"
     assert manifest["network"] == net.spec.to_dict() and manifest["mask"] == MASK_INFO
-    assert manifest["layer_shapes"] == {k: list(s) for k, s in net.layer_shapes().items()}
+    assert manifest["layer_shapes"] == {  # keyed by the parameter each mask multiplies
+        "fc1.weight": [300, 784], "fc2.weight": [100, 300], "fc3.weight": [100, 100]}
 
     rec = reg.read_task("b", 1)
     assert rec.task_id == 1 and rec.bn_stats == {} and rec.metadata == {"train_accuracy": 0.91}
@@ -78,15 +84,15 @@ def test_round_trip_is_bit_exact(tmp_path: Path, lenet: tuple) -> None:
         np.testing.assert_array_equal(rec.packed[k], np.packbits(m.numpy().astype(np.uint8)))
         assert rec.densities[k] == int(m.sum()) / m.numel()
 
-    bank, spec = reg.load_bank("b")
+    bank, spec = load_bank(reg.source("b"))
     assert spec == net.spec and bank.task_ids == [0, 1, 2]
     for t, layer_masks in masks.items():
         for k, m in layer_masks.items():
             assert torch.equal(bank.mask(t, k), m)
-    sub, _ = reg.load_bank("b", task_ids=[2, 0])
-    assert sub.task_ids == [2, 0]
+    sub, _ = load_bank(reg.source("b", task_ids=[2, 0]))
+    assert sub.task_ids == [0, 2]  # a source lists its tasks in id order
     for k in masks[0]:
-        assert torch.equal(sub.packed(k), bank.packed(k)[[2, 0]])
+        assert torch.equal(sub.packed(k), bank.packed(k)[[0, 2]])
 
 
 def test_bn_stats_round_trip_with_a_conv_net(tmp_path: Path) -> None:
@@ -107,7 +113,7 @@ def test_bn_stats_round_trip_with_a_conv_net(tmp_path: Path) -> None:
     for k, s in stats[5].items():
         assert rec.bn_stats[k].dtype == np.float32
         np.testing.assert_array_equal(rec.bn_stats[k], s.numpy())
-    bank, _ = reg.load_bank("conv")
+    bank, _ = load_bank(reg.source("conv"))
     for t, (masks, _) in exported.items():
         for k, s in stats[t].items():
             assert torch.equal(bank.bn_stats(t, k), s)
@@ -138,7 +144,7 @@ def test_a_different_mask_for_a_stored_task_conflicts_and_keeps_the_file(
     other[key] = other[key].copy()
     other[key][0] ^= 0b1000_0000
     with pytest.raises(RegistryConflictError, match=(
-            rf"bank 'b' already holds task 1 with different masks \(mask {key} differ\); "
+            r"bank 'b' already holds task 1 with different masks; "
             r"the stored mask was kept.*new bank name \(e.g. 'b-v2'\)")):
         reg.write_task("b", 1, other)
     assert path.read_bytes() == before
@@ -188,7 +194,7 @@ def test_damaged_files_are_reported_by_verify_and_raise_on_read(
                                                    r"supsup registry verify"):
         reg.read_task("b", 1)
     with pytest.raises(RegistryCorruptError, match=problem):
-        reg.load_bank("b")
+        load_bank(reg.source("b"))
     with pytest.raises(RegistryCorruptError, match=problem):
         reg.write_task("b", 1, _pack(lenet[1][1]))
     assert reg.read_task("b", 2).task_id == 2
@@ -200,7 +206,7 @@ def test_verify_lists_stray_temp_files_and_tasks_ignores_them(tmp_path: Path, le
     assert reg.tasks("b") == [0, 1, 2]
     report = reg.verify("b")
     assert report.all_ok and report.ok == [0, 1, 2]
-    assert report.stray == ["tasks/.task-0000009.parquet.tmp-dead"]
+    assert report.temporary == ["tasks/.task-0000009.parquet.tmp-dead"] and report.foreign == []
 
 
 def test_a_missing_layer_row_is_reported(tmp_path: Path, lenet: tuple) -> None:
@@ -239,8 +245,8 @@ def _extra(p: Packed) -> Packed:
 @pytest.mark.parametrize("mutate, error, match", [
     (_drop_layer, KeyError, r"task 0: no packed mask for layers \['.+'\] of bank 'b'"),
     (_short, ValueError, r"has \d+ bytes, expected \d+ = ceil\(\d+ weights of shape"),
-    (_unpacked, ValueError, "has dtype float32; pack the 0/1 mask"),
-    (_two_dim, ValueError, r"pack the flattened mask"),
+    (_unpacked, ValueError, r"is float32 of shape \(\d+,\); pack the flattened 0/1 mask"),
+    (_two_dim, ValueError, r"is uint8 of shape \(2, \d+\); pack the flattened 0/1 mask"),
     (_extra, ValueError, r"layers \['head'\] are not masked layers of bank 'b'"),
 ])
 def test_bad_masks_raise_before_touching_disk(
@@ -278,21 +284,22 @@ def test_bank_and_task_errors_name_what_to_do(tmp_path: Path, lenet: tuple) -> N
     net, masks = lenet
     reg = _filled(tmp_path, lenet)
     spec = {**net.spec.to_dict(), "seed": 1}
-    with pytest.raises(ValueError, match=r"bank 'b' .* already exists with a different network: "
-                                         r"network.seed \(stored 0, given 1\).*new bank name"):
+    with pytest.raises(BankMismatchError, match=r"bank 'b' in .* was made with a different "
+                       r"configuration: network.seed: bank has 0, given 1\..*new bank name"):
         reg.create_bank("b", spec, net.layer_shapes(), {}, MASK_INFO)
-    with pytest.raises(ValueError, match=r"different layer_shapes, mask: .*mask.rule "
-                                         r"\(stored threshold, given topk\)"):
+    with pytest.raises(BankMismatchError, match=r"layer_shapes.x.weight: bank has <absent>, "
+                       r"given \[4\]; mask.rule: bank has threshold, given topk"):
         reg.create_bank("b", net.spec, {"x": [4]}, {}, {"rule": "topk"})
     reg.create_bank("b", net.spec, net.layer_shapes(), None, MASK_INFO)  # identical: a no-op
     with pytest.raises(KeyError, match=r"no bank 'nope' in the registry at .*; banks present: "
                                        r"\['b'\]"):
         reg.write_task("nope", 0, _pack(masks[0]))
     with pytest.raises(KeyError, match="no bank 'nope'"):
-        reg.load_bank("nope")
-    with pytest.raises(KeyError, match=r"bank 'b' has no task 5, 9; it holds tasks \[0, 1, 2\]"):
-        reg.load_bank("b", task_ids=[0, 5, 9])
-    with pytest.raises(KeyError, match="bank 'b' has no task 7"):
+        reg.source("nope")
+    with pytest.raises(KeyError, match=r"bank 'b' in .* lacks tasks \[5, 9\]; it holds "
+                                       r"tasks \[0, 1, 2\]"):
+        reg.source("b", task_ids=[0, 5, 9])
+    with pytest.raises(KeyError, match=r"bank 'b' in .* lacks tasks \[7\]"):
         reg.read_task("b", 7)
     with pytest.raises(ValueError, match="bank name '../up' is not allowed"):
         reg.create_bank("../up", net.spec, net.layer_shapes(), {}, MASK_INFO)
@@ -305,51 +312,69 @@ def test_bank_and_task_errors_name_what_to_do(tmp_path: Path, lenet: tuple) -> N
 def test_export_import_round_trip(tmp_path: Path, lenet: tuple) -> None:
     net, masks = lenet
     reg = _filled(tmp_path / "a", lenet)
-    dest = reg.export("b", tmp_path / "out" / "b.parquet")
+    dest = tmp_path / "out" / "b.parquet"
+    exported = export_bank(reg, "b", dest)
+    assert exported == reg.source("b")  # the pass yields exactly what the bank holds
     assert dest.is_file() and not [p for p in dest.parent.iterdir() if p != dest]
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        reg.export("b", dest)
+    with pytest.raises(FileExistsError, match="exists; choose another path"):
+        export_bank(reg, "b", dest)
+    kv = pq.read_metadata(dest).metadata  # the file and its identity travel together
+    assert json.loads(kv[b"supsup.manifest"])["network"] == net.spec.to_dict()
+    assert kv[b"supsup.snapshot_sha256"].decode() == exported.snapshot_sha256
 
+    from_file = exported.with_location(export=str(dest))
+    bank, _ = load_bank(from_file)
     other = MaskRegistry(tmp_path / "z")
-    result = other.import_file(dest)
+    result = import_file(other, dest)
     assert (result.bank, result.written, result.unchanged) == ("b", [0, 1, 2], [])
-    assert other.import_file(dest).unchanged == [0, 1, 2]
-    assert other.snapshot("b") == reg.snapshot("b")
+    assert import_file(other, dest).unchanged == [0, 1, 2]
+    assert other.source("b").snapshot_sha256 == exported.snapshot_sha256
     assert other.read_task("b", 2).metadata == {"train_accuracy": 0.92}
-    bank, _ = other.load_bank("b")
     for t, layer_masks in masks.items():
         for k, m in layer_masks.items():
             assert torch.equal(bank.mask(t, k), m)
 
-    renamed = reg.import_file(reg.export("b", tmp_path / "one.parquet", task_ids=[1]), "b-copy")
+    one = export_bank(reg, "b", tmp_path / "one.parquet", task_ids=[1])
+    assert one.task_ids == (1,) and one.snapshot_sha256 != exported.snapshot_sha256
+    renamed = import_file(reg, tmp_path / "one.parquet", "b-copy")
     assert renamed.written == [1] and reg.tasks("b-copy") == [1]
-    with pytest.raises(ValueError, match="is not a mask registry export"):
-        reg.import_file(_task_file(tmp_path / "a", "b", 0))
+    assert reg.source("b-copy").snapshot_sha256 == one.snapshot_sha256  # names are not content
+    with pytest.raises(ValueError, match="is not a mask bank file"):
+        import_file(reg, _task_file(tmp_path / "a", "b", 0))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        reg.import_file(tmp_path / "missing.parquet")
+        import_file(reg, tmp_path / "missing.parquet")
 
     clash = _bank(tmp_path / "c", net)
     clash.write_task("b", 0, _pack(masks[1]))
     with pytest.raises(RegistryConflictError, match="already holds task 0"):
-        clash.import_file(dest)
+        import_file(clash, dest)
 
     _rewrite_with_changed_mask(dest)
-    with pytest.raises(RegistryCorruptError, match="checksum mismatch.*re-export the bank"):
-        MaskRegistry(tmp_path / "d").import_file(dest)
+    with pytest.raises(RegistryCorruptError, match="checksum mismatch.*export it again"):
+        import_file(MaskRegistry(tmp_path / "d"), dest)
+    with pytest.raises(RegistryCorruptError, match="checksum mismatch"):
+        load_bank(from_file)
 
 
-def test_snapshot_pins_contents(tmp_path: Path, lenet: tuple) -> None:
+def test_a_source_pins_content_and_survives_growth(tmp_path: Path, lenet: tuple) -> None:
     net, masks = lenet
     reg = _bank(tmp_path, net)
     reg.write_task("b", 0, _pack(masks[0]))
-    first = reg.snapshot("b")
-    assert first["bank"] == "b" and first["tasks"] == 1
-    assert reg.snapshot("b") == first
+    first = reg.source("b")
+    assert first.task_ids == (0,) and first.root == str(tmp_path)
+    assert reg.source("b") == first
     reg.write_task("b", 1, _pack(masks[1]))
-    second = reg.snapshot("b")
-    assert second["tasks"] == 2
-    assert second["content_sha256"] != first["content_sha256"]
-    assert second["task_ids_hash"] != first["task_ids_hash"]
+    second = reg.source("b")
+    assert second.task_ids == (0, 1) and second.snapshot_sha256 != first.snapshot_sha256
+    assert second.manifest_sha256 == first.manifest_sha256
+    bank, _ = load_bank(first)  # the bank grew; the pinned content is still there
+    assert bank.task_ids == [0]
+    forged = first.restricted([0, 1], first.snapshot_sha256)
+    with pytest.raises(BankMismatchError, match=r"the masks there hash to .*refused"):
+        load_bank(forged)
+    _task_file(tmp_path, "b", 0).unlink()
+    with pytest.raises(BankMismatchError, match=r"lacks tasks \[0\].*no longer holds"):
+        load_bank(first)
 
 
 def test_row_checksum_covers_every_field() -> None:
@@ -367,15 +392,17 @@ def test_uri_roots(tmp_path: Path, lenet: tuple, scheme: str) -> None:
     _, masks = lenet
     root = f"file://{tmp_path}/reg" if scheme == "file" else "mock:///reg"
     reg = _filled(root, lenet)
-    bank, _ = reg.load_bank("b")
     k = next(iter(masks[0]))
-    assert torch.equal(bank.mask(2, k), masks[2][k])
+    np.testing.assert_array_equal(reg.read_task("b", 2).packed[k], _pack(masks[2])[k])
+    assert reg.source("b").task_ids == (0, 1, 2)
     changed = _pack(masks[1])
     with pytest.raises(RegistryConflictError, match="already holds task 0"):
         reg.write_task("b", 0, changed)
     assert reg.verify("b").ok == [0, 1, 2]
-    if scheme == "file":  # the URI maps onto the local folder
+    if scheme == "file":  # the URI maps onto the local folder (mock:// lives in one instance)
         assert MaskRegistry(tmp_path / "reg").tasks("b") == [0, 1, 2]
+        bank, _ = load_bank(reg.source("b"))
+        assert torch.equal(bank.mask(2, k), masks[2][k])
 
 
 RACED_TASKS = tuple(range(7, 31))  # many rounds: one lucky ordering cannot hide a race
@@ -384,7 +411,7 @@ RACED_TASKS = tuple(range(7, 31))  # many rounds: one lucky ordering cannot hide
 def _racing_writer(root: str, which: int, barrier: Any, results: Any) -> None:
     """Child process: for each raced task, write masks drawn from `which`; report the outcomes."""
     reg = MaskRegistry(root)
-    shapes = reg.manifest("b")["layer_shapes"]
+    shapes = layer_shapes(reg.manifest("b"))
     rng = np.random.default_rng(which)
     for task in RACED_TASKS:
         packed = {k: rng.integers(0, 256, (int(np.prod(s)) + 7) // 8, dtype=np.uint8)
@@ -417,7 +444,7 @@ def test_concurrent_writers_of_one_task_exactly_one_wins(tmp_path: Path, lenet: 
         assert p.exitcode == 0
     reg = MaskRegistry(tmp_path)
     report = reg.verify("b")
-    assert report.ok == list(RACED_TASKS) and report.stray == []
+    assert report.ok == list(RACED_TASKS) and report.temporary == [] == report.foreign
     for task, by_writer in outcomes.items():
         winners = [w for w, s in by_writer.items() if s == "written"]
         losers = [w for w, s in by_writer.items() if s.startswith("conflict")]

@@ -25,8 +25,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.datasets import load_dataset
-from pipeline.registry import MaskRegistry
-from pipeline.tracking import PARAM_VALUE_LIMIT, Tracker, load_bank_from_model, lookup
+from pipeline.registry import BankMismatchError, MaskRegistry, export_bank, load_bank
+from pipeline.tracking import (
+    PARAM_VALUE_LIMIT,
+    Registration,
+    Tracker,
+    load_bank_from_model,
+    lookup,
+    register_bank,
+)
 from supsup.masks import pack_bits
 from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
@@ -92,11 +99,16 @@ def _random_masks(net: SupermaskNet, task_ids: list[int]) -> dict[int, dict[str,
 
 
 def _register(tracker: Tracker, run_id: str, model: str, registry: MaskRegistry, bank: str,
-              embed: Path | None, aliases: list[str]) -> int:
-    manifest = registry.manifest(bank)
-    return tracker.register_bank(
-        run_id, model, network_spec=manifest["network"], registry_root=registry.root, bank=bank,
-        snapshot=registry.snapshot(bank), embed_file=embed,
+              embed_dir: Path | None, aliases: list[str],
+              task_ids: list[int] | None = None) -> Registration:
+    """Publish `bank` (or `task_ids` of it) in one pass, embedding it when `embed_dir` is given,
+    and register it as the pipeline does."""
+    bank_file = None
+    if embed_dir is not None:
+        bank_file = embed_dir / f"{bank}-{len(list(embed_dir.iterdir()))}.parquet"
+    source = export_bank(registry, bank, bank_file, task_ids)
+    return register_bank(
+        tracker, run_id, model, source, bank_file=bank_file,
         inference_defaults={"method": "one_shot", "objective": "entropy", "mode": "batch"},
         aliases=aliases, tags={"experiment": "test"},
     )
@@ -185,18 +197,22 @@ def test_file_store_and_bare_paths_are_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------- model registry
 @pytest.fixture(scope="module")
 def perm_models(tmp_path_factory: pytest.TempPathFactory, db: str, trained: dict) -> dict:
-    """Version 1 embeds the trained bank, version 2 reads it from the registry; the alias
-    'champion' is looked up after each registration."""
+    """Version 1 embeds the trained bank; registering the same content again adds nothing;
+    version 2 pins tasks 0-1 of it in the registry and takes the alias 'champion'."""
     registry, bank = trained["registry"], trained["bank"]
     tracker = Tracker(db, "perm")
-    export = registry.export(bank, tmp_path_factory.mktemp("export") / "perm.parquet")
+    embed = tmp_path_factory.mktemp("export")
     with tracker.run("train") as run_1:
-        v1 = _register(tracker, run_1, "perm-model", registry, bank, export, ["champion"])
+        first_reg = _register(tracker, run_1, "perm-model", registry, bank, embed, ["champion"])
         status_inside = MlflowClient(db).get_run(run_1).info.status
     first = lookup("models:/perm-model@champion", db)
-    with tracker.run("retrain") as run_2:
-        v2 = _register(tracker, run_2, "perm-model", registry, bank, None, ["champion", "latest"])
-    return {"v1": v1, "v2": v2, "run_1": run_1, "run_2": run_2, "first": first,
+    with tracker.run("rerun") as run_rerun:
+        again = _register(tracker, run_rerun, "perm-model", registry, bank, None, ["champion"])
+    with tracker.run("subset") as run_2:
+        second = _register(tracker, run_2, "perm-model", registry, bank, None,
+                           ["champion", "latest"], task_ids=[0, 1])
+    return {"v1": first_reg.version, "v2": second.version, "first_reg": first_reg,
+            "again": again, "second": second, "run_1": run_1, "run_2": run_2, "first": first,
             "status_inside": status_inside}
 
 
@@ -204,42 +220,52 @@ def test_register_lookup_and_move_alias(db: str, trained: dict, perm_models: dic
     registry, bank = trained["registry"], trained["bank"]
     v1, v2 = perm_models["v1"], perm_models["v2"]
     info = perm_models["first"]
-    snapshot = registry.snapshot(bank)
+    source = registry.source(bank)
+    assert perm_models["first_reg"].created and perm_models["second"].created
     assert info["version"] == v1 and info["aliases"] == ["champion"]
     assert info["run_id"] == perm_models["run_1"]
     assert info["model_uri"] == f"models:/perm-model/{v1}"
     assert info["tasks"] == TASKS and info["bank"] == bank and info["embedded"] is True
     assert info["registry_root"] == str(trained["root"])
-    assert info["snapshot"] == snapshot and info["network"] == trained["net"].spec.to_dict()
+    assert info["snapshot"] == source.snapshot_sha256
+    assert info["network"] == trained["net"].spec.to_dict()
     assert info["inference_defaults"] == {"method": "one_shot", "objective": "entropy",
                                           "mode": "batch"}
-    assert info["tags"]["supsup.snapshot"] == snapshot["content_sha256"]
-    assert info["tags"]["supsup.tasks"] == "0-2" and info["tags"]["experiment"] == "test"
+    assert info["tags"]["supsup.snapshot"] == source.snapshot_sha256
+    assert info["tags"]["supsup.tasks"] == "tasks [0, 1, 2]"
+    assert info["tags"]["experiment"] == "test"
 
+    again = perm_models["again"]  # the same content again: no new version, alias kept
+    assert (again.version, again.created) == (v1, False)
     assert perm_models["status_inside"] == "RUNNING"  # registering does not end the run
     assert MlflowClient(db).get_run(perm_models["run_1"]).info.status == "FINISHED"
     assert v2 == v1 + 1
     moved = lookup("models:/perm-model@champion", db)
-    assert moved["version"] == v2 and moved["embedded"] is False
+    assert moved["version"] == v2 and moved["embedded"] is False and moved["tasks"] == [0, 1]
     assert moved["run_id"] == perm_models["run_2"]
     assert lookup(f"models:/perm-model/{v1}", db)["aliases"] == []
     assert lookup("models:/perm-model/latest", db)["version"] == v2
     assert lookup("models:/perm-model@latest", db)["version"] == v2  # MLflow's reserved alias
+    versions = MlflowClient(db).search_model_versions("name = 'perm-model'")
+    assert sorted(int(mv.version) for mv in versions) == [v1, v2]
 
     bank_back, spec = load_bank_from_model(f"models:/perm-model/{v1}", db)
-    stored, _ = registry.load_bank(bank)
+    stored, _ = load_bank(source)
     assert spec == trained["net"].spec and bank_back.task_ids == TASKS
     for key in stored.layer_shapes:
         assert torch.equal(bank_back.packed(key), stored.packed(key))
+    pinned, _ = load_bank_from_model("models:/perm-model@champion", db)
+    assert pinned.task_ids == [0, 1]
 
 
 def test_registered_model_infers_the_right_task(trained: dict, perm_models: dict,
                                                 global_uri: str) -> None:
     """Batches of each task get that task's id and mostly right classes, from both versions."""
     tasks: PermutedTasks = trained["tasks"]
-    for uri in (f"models:/perm-model/{perm_models['v1']}", "models:/perm-model@champion"):
+    for uri, held in ((f"models:/perm-model/{perm_models['v1']}", TASKS),
+                      ("models:/perm-model@champion", [0, 1])):
         model = mlflow.pyfunc.load_model(uri)
-        for t in TASKS:
+        for t in held:
             x, y = _task_batch(tasks, t)
             out = model.predict(x)
             assert list(out.columns) == ["task_id", "class", "confidence"] and len(out) == 64
@@ -248,39 +274,88 @@ def test_registered_model_infers_the_right_task(trained: dict, perm_models: dict
             # 60 training steps reach ~77% training accuracy; chance is 10%
             assert (out["class"].to_numpy() == y).mean() > 0.6
             rows = model.predict(x, params={"mode": "per_example"})
-            assert set(rows["task_id"]) <= set(TASKS)
+            assert set(rows["task_id"]) <= set(held)
             assert (rows["task_id"] == t).mean() > 0.7  # per image; the batch vote above is exact
     same = model.predict(pd.DataFrame(x))  # a DataFrame of flattened pixels works too
-    assert (same["task_id"] == TASKS[-1]).all()
+    assert (same["task_id"] == 1).all()
     with pytest.raises(ValueError, match=r"param mode='sometimes'; choose one of"):
         model.predict(x, params={"mode": "sometimes"})
     images = x.reshape(-1, 1, 28, 28)  # the python model itself also takes (B, C, H, W)
     direct = model.unwrap_python_model().predict(None, images)
-    assert (direct["task_id"] == TASKS[-1]).all()
+    assert (direct["task_id"] == 1).all()
 
 
-def test_changed_registry_refuses_the_registry_backed_model(
+def test_a_version_means_the_same_masks_forever(
         tmp_path: Path, db: str, global_uri: str) -> None:
     net = build_network(name="lenet", num_outputs=100, num_classes=10)
     registry = MaskRegistry(tmp_path / "registry")
     _write_bank(registry, "growing", net, _random_masks(net, TASKS))
     tracker = Tracker(db, "growing")
+    (tmp_path / "embed").mkdir()
     with tracker.run("train") as run_id:
         plain = _register(tracker, run_id, "growing-model", registry, "growing", None, ["live"])
-        packed = _register(tracker, run_id, "growing-model", registry, "growing",
-                           registry.export("growing", tmp_path / "g.parquet"), ["packed"])
-    mlflow.pyfunc.load_model("models:/growing-model@live")  # unchanged: loads
-
+        _register(tracker, run_id, "growing-model", registry, "growing", None, ["packed"])
+    assert lookup("models:/growing-model@packed", db)["version"] == plain.version  # same content
     _write_bank(registry, "growing", net, _random_masks(net, [3]))  # the bank gains a task
-    with pytest.raises(ValueError, match=r"bank 'growing' .* changed since the model was "
-                                         r"registered \(then 3 tasks.*now 4 tasks"):
+    loaded = mlflow.pyfunc.load_model("models:/growing-model@live")  # its pin is still there
+    assert loaded.unwrap_python_model().bank.task_ids == TASKS
+    with tracker.run("train") as run_id:
+        packed = _register(tracker, run_id, "growing-model", registry, "growing",
+                           tmp_path / "embed", ["packed"], task_ids=TASKS)
+    assert packed.version == plain.version  # embedding does not make other content
+
+    with tracker.run("grown") as run_id:
+        grown = _register(tracker, run_id, "growing-model", registry, "growing",
+                          tmp_path / "embed", ["grown"])
+    assert grown.created and lookup("models:/growing-model@grown", db)["tasks"] == [0, 1, 2, 3]
+
+    task_file = tmp_path / "registry" / "growing" / "tasks" / "task-0000001.parquet"
+    task_file.unlink()  # task 1 is replaced by other masks behind the registry's back
+    _write_bank(registry, "growing", net, {1: _random_masks(net, [7])[7]})
+    with pytest.raises(BankMismatchError, match=r"bank 'growing' \(tasks \[0, 1, 2\], snapshot "
+                                                r"\w+\) in the mask registry at .*refused"):
         mlflow.pyfunc.load_model("models:/growing-model@live")
-    with pytest.raises(ValueError, match=f"models:/growing-model@live \\(models:/growing-model/"
-                                         f"{plain}\\): bank 'growing'"):
+    with pytest.raises(BankMismatchError, match="refused"):
         load_bank_from_model("models:/growing-model@live", db)
-    model = mlflow.pyfunc.load_model("models:/growing-model@packed")  # carries its own masks
-    assert model.unwrap_python_model().bank.task_ids == TASKS
-    assert lookup("models:/growing-model@packed", db)["version"] == packed
+    model = mlflow.pyfunc.load_model("models:/growing-model@grown")  # carries its own masks
+    assert model.unwrap_python_model().bank.task_ids == [0, 1, 2, 3]
+
+
+def _register_in_process(db: str, root: str, barrier: Any, results: Any) -> None:
+    """Child process: register bank 'same' of `root` as 'race-model' once the other is ready."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    tracker = Tracker(db, "race")
+    with tracker.run("train") as run_id:
+        source = export_bank(MaskRegistry(root), "same", None)
+        barrier.wait(timeout=120)
+        reg = register_bank(tracker, run_id, "race-model", source, aliases=["champion"])
+    results.put((reg.version, reg.created))
+
+
+def test_concurrent_registrations_of_one_content_leave_one_version(
+        tmp_path: Path, server: str) -> None:
+    import multiprocessing
+
+    net = build_network(name="lenet", num_outputs=100, num_classes=10)
+    registry = MaskRegistry(tmp_path / "registry")
+    _write_bank(registry, "same", net, _random_masks(net, TASKS))
+    Tracker(server, "race")  # the experiment exists before the racers start
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_register_in_process,
+                         args=(server, str(tmp_path / "registry"), barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    versions = MlflowClient(server).search_model_versions("name = 'race-model'")
+    assert len(versions) == 1, [mv.version for mv in versions]
+    kept = int(versions[0].version)
+    assert [v for v, _ in outcomes] == [kept, kept]
+    assert lookup("models:/race-model@champion", server)["version"] == kept
 
 
 def test_unknown_models_and_aliases_list_what_exists(db: str, perm_models: dict) -> None:
@@ -296,24 +371,25 @@ def test_unknown_models_and_aliases_list_what_exists(db: str, perm_models: dict)
         lookup("models:/perm-model/Production", db)
 
 
-def test_register_checks_its_inputs(db: str, trained: dict) -> None:
+def test_register_checks_its_inputs(tmp_path: Path, db: str, trained: dict) -> None:
     registry, bank = trained["registry"], trained["bank"]
     tracker = Tracker(db, "perm")
-    spec = registry.manifest(bank)["network"]
+    source = registry.source(bank)
+    other = export_bank(registry, bank, tmp_path / "other.parquet", task_ids=[0])
     with tracker.run("bad") as run_id:
-        common = {"network_spec": spec, "registry_root": registry.root, "bank": bank}
-        with pytest.raises(ValueError, match=r"snapshot .* does not describe bank 'perm'"):
-            tracker.register_bank(run_id, "m", **common,
-                                  snapshot={**registry.snapshot(bank), "task_ids_hash": "0"})
         with pytest.raises(ValueError, match=r"inference_defaults\['mode'\] = 'often'"):
-            tracker.register_bank(run_id, "m", **common, inference_defaults={"mode": "often"})
-        with pytest.raises(ValueError, match="is not the network of bank 'perm'"):
-            tracker.register_bank(run_id, "m", **{**common, "network_spec": {
-                **spec, "seed": 1}})
+            register_bank(tracker, run_id, "m", source, inference_defaults={"mode": "often"})
         with pytest.raises(ValueError, match="alias 'v2' is not allowed"):
-            tracker.register_bank(run_id, "m", **common, aliases=["ok", "v2"])
-        with pytest.raises(FileNotFoundError, match="embed_file .*missing.parquet"):
-            tracker.register_bank(run_id, "m", **common, embed_file="missing.parquet")
+            register_bank(tracker, run_id, "m", source, aliases=["ok", "v2"])
+        with pytest.raises(ValueError, match="model name 'a/b' must be non-empty without"):
+            register_bank(tracker, run_id, "a/b", source)
+        with pytest.raises(FileNotFoundError, match="bank file .*missing.parquet"):
+            register_bank(tracker, run_id, "m", source, bank_file=tmp_path / "missing.parquet")
+        with pytest.raises(ValueError, match=r"bank file .*other.parquet does not hold"):
+            register_bank(tracker, run_id, "m", source, bank_file=tmp_path / "other.parquet")
+        with pytest.raises(ValueError, match="register a bank from its mask registry"):
+            register_bank(tracker, run_id, "m",
+                          other.with_location(export=str(tmp_path / "other.parquet")))
     assert MlflowClient(db).search_registered_models(filter_string="name = 'm'") == []
 
 
@@ -372,8 +448,8 @@ def test_through_a_real_mlflow_server(tmp_path: Path, server: str) -> None:
         tracker.log_params({"train.steps": 10})
         tracker.log_task_metrics(1, {"accuracy": 0.5})
         tracker.log_text("train:\n  steps: 10\n", "config.yaml")
-        version = _register(tracker, run_id, "served-model", registry, "served",
-                            registry.export("served", tmp_path / "served.parquet"), ["prod"])
+        version = _register(tracker, run_id, "served-model", registry, "served", tmp_path,
+                            ["prod"]).version
     client = MlflowClient(server)
     run = client.get_run(run_id)
     assert run.data.params == {"train.steps": "10"} and run.info.status == "FINISHED"

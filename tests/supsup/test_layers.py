@@ -51,7 +51,7 @@ def test_weights_never_get_a_gradient_scores_do(kind: str, rule: str) -> None:
     layer = net.body[0]
     assert not layer.weight.requires_grad
     assert list(net.parameters()) == []
-    assert "body.0.weight" not in net.state_dict()  # rebuilt from the seed, never stored
+    assert "body.fc1.weight" not in net.state_dict()  # rebuilt from the seed, never stored
     scores = _scores(net, rule, [0, 1])
     x = torch.randn(2, BATCH, *in_shape, generator=torch.Generator().manual_seed(1))
     with use_scores(net, scores):

@@ -101,8 +101,8 @@ def test_running_stats_move_per_task_and_export_sees_them() -> None:
     assert not torch.equal(mean[0], mean[1])
     assert not torch.equal(var[0], torch.ones_like(var[0]))
     # The first BN sees the first conv's output of x[t] only: 0.1 * its per-channel batch mean.
-    conv_layer = net.masked_layers()["0"]
-    w = conv_layer.weight * scores.hard_mask("0")  # (2, C_out, C_in, 3, 3)
+    conv_layer = net.masked_layers()["conv1"]
+    w = conv_layer.weight * scores.hard_mask("conv1")  # (2, C_out, C_in, 3, 3)
     for t in range(2):
         y = torch.nn.functional.conv2d(x[t], w[t], padding=1)
         torch.testing.assert_close(mean[t], 0.1 * y.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
