@@ -52,7 +52,7 @@ from pipeline.registry.task_file import (
     encode_rows,
     read_footer,
     read_task_file,
-    recorded_hashes,
+    recorded_identity,
     task_checksum,
     task_table,
 )
@@ -313,15 +313,17 @@ class MaskRegistry:
         manifest = self.manifest(bank)
         digest = manifest["manifest_sha256"]
         ids = self.select(bank, task_ids)
-        footers = parallel_map(lambda t: recorded_hashes(
+        footers = parallel_map(lambda t: recorded_identity(
             read_footer(self.store, self.task_path(bank, t))), ids)
-        wrong = [t for t, (under, _) in zip(ids, footers) if under != digest]
+        wrong = [t for t, (name, tid, under, _) in zip(ids, footers)
+                 if (name, tid, under) != (bank, str(t), digest)]
         if wrong:
             raise BankMismatchError(
-                f"{self.where(bank)}: the task files of {describe_ids(wrong)} were written under "
-                f"another manifest than the bank's {MANIFEST_FILE} (was it edited, or were the "
-                f"files copied from another bank?); they are never adopted. {ADVICE}")
-        checks = {t: task for t, (_, task) in zip(ids, footers)}
+                f"{self.where(bank)}: the task files of {describe_ids(wrong)} were written for "
+                f"another bank or task, or under another manifest than the bank's "
+                f"{MANIFEST_FILE} (was it edited, or were files copied in by hand?); they are "
+                f"never adopted. {ADVICE}")
+        checks = {t: task for t, (_, _, _, task) in zip(ids, footers)}
         return BankSource(bank, digest, snapshot_hash(digest, checks), tuple(ids), root=self.root)
 
     # ----------------------------------------------------------------------- verify

@@ -37,6 +37,8 @@ from pipeline.registry.manifest import (
 from pipeline.registry.store import Store
 
 KEY_FORMAT = b"supsup.registry_format"
+KEY_BANK = b"supsup.bank"
+KEY_TASK_ID = b"supsup.task_id"
 KEY_MANIFEST_SHA = b"supsup.manifest_sha256"
 KEY_TASK_SHA = b"supsup.task_sha256"
 KEY_TASK_META = b"supsup.task_metadata"
@@ -208,7 +210,8 @@ def task_table(bank: str, task_id: int, rows: Sequence[Row], manifest_hash: str,
         raise ValueError(f"task {task_id}: metadata must be a mapping, got {type(metadata)}")
     meta = json.dumps(canonical(dict(metadata or {}), f"task {task_id} metadata"))
     return rows_table(bank, task_id, rows).replace_schema_metadata({
-        KEY_FORMAT: str(FORMAT).encode(), KEY_MANIFEST_SHA: manifest_hash.encode(),
+        KEY_FORMAT: str(FORMAT).encode(), KEY_BANK: bank.encode(),
+        KEY_TASK_ID: str(task_id).encode(), KEY_MANIFEST_SHA: manifest_hash.encode(),
         KEY_TASK_SHA: task_checksum(manifest_hash, task_id, rows).encode(),
         KEY_TASK_META: meta.encode(),
     })
@@ -280,9 +283,11 @@ def record(task_id: int, rows: Sequence[Row], metadata: dict[str, Any],
     return TaskRecord(task_id, packed, stats, densities, metadata, task_sha256)
 
 
-def recorded_hashes(kv: Mapping[bytes, bytes]) -> tuple[str, str]:
-    """(manifest_sha256, task_sha256) a task file's metadata records ("" when absent)."""
-    return (kv.get(KEY_MANIFEST_SHA, b"").decode(), kv.get(KEY_TASK_SHA, b"").decode())
+def recorded_identity(kv: Mapping[bytes, bytes]) -> tuple[str, str, str, str]:
+    """(bank, task id, manifest_sha256, task_sha256) a task file's metadata records, as text
+    ("" when absent)."""
+    return tuple(kv.get(k, b"").decode()  # type: ignore[return-value]
+                 for k in (KEY_BANK, KEY_TASK_ID, KEY_MANIFEST_SHA, KEY_TASK_SHA))
 
 
 def read_footer(store: Store, path: str) -> dict[bytes, bytes]:
@@ -311,7 +316,11 @@ def read_task_file(store: Store, path: str, bank: str, task_id: int,
         raise RegistryCorruptError(
             f"{path}: unreadable or truncated Parquet file ({exc}); {ADVICE}") from None
     try:
-        written_under, recorded = recorded_hashes(kv)
+        written_for, written_as, written_under, recorded = recorded_identity(kv)
+        if (written_for, written_as) != (bank, str(task_id)):
+            raise FileProblem(f"written for bank {written_for!r} task {written_as}, not bank "
+                              f"{bank!r} task {task_id} (was the file copied here by hand?); it "
+                              "is never adopted")
         if written_under != manifest_hash:
             raise FileProblem(
                 f"written under manifest {written_under[:12] or '<none>'}, but bank {bank!r} has "

@@ -61,7 +61,7 @@ def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> N
                  config.tracking_uri]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bank"] == "clitest" and info["version"] == 1
-    assert info["snapshot"]["tasks"] == 6
+    assert info["tasks"] == list(range(6)) and len(info["snapshot"]) == 64
     assert main(["lookup", "models:/clitest@champion", "--task", "4", "--tracking-uri",
                  config.tracking_uri]) == 0
     task = json.loads(capsys.readouterr().out)
