@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
 from pipeline.discovery_job import run_discovery
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, load_bank
 from pipeline.tracking import Tracker
 
 NUM_TASKS = 5
@@ -74,7 +74,7 @@ def test_hidden_tasks_are_discovered_stored_reported_and_tracked(
         assert summary["mask_to_task"][r.task_id] == r.metadata["majority_task"]
         first, last = r.metadata["segments"][0]
         assert 0 <= first <= last < NUM_TASKS * BATCHES_PER_TASK
-    bank, _ = registry.load_bank(config.bank)
+    bank, _ = load_bank(registry.source(config.bank))
     assert bank.num_tasks == summary["num_masks"]
 
     report = json.loads(Path(summary["files"]["json"]).read_text())

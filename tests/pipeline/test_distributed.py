@@ -18,7 +18,7 @@ from pipeline.distributed import (
     train_task_distributed,
 )
 from pipeline.experiment import build_net, build_spec, build_tasks
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, load_bank
 from pipeline.train_job import TrainSummary, prepare_bank, run_training, train_group_worker
 from supsup.bank import MaskBank
 from supsup.binding import use_task
@@ -131,7 +131,7 @@ def test_run_training_stores_every_task(trained: tuple) -> None:
     registry = MaskRegistry(config.registry.root)
     assert registry.tasks(config.bank) == list(range(NUM_TASKS))
     report = registry.verify(config.bank)
-    assert report.all_ok and report.ok == list(range(NUM_TASKS)) and not report.stray
+    assert report.all_ok and report.ok == list(range(NUM_TASKS)) and not report.temporary
     assert sorted(summary.trained) == sorted(reports) == list(range(NUM_TASKS))
     assert seen[0] == (0, NUM_TASKS) and seen[-1] == (NUM_TASKS, NUM_TASKS)
     for t in range(NUM_TASKS):
@@ -161,7 +161,7 @@ def test_ranks_saw_different_batches_and_ended_equal(trained: tuple) -> None:
 def test_trained_masks_beat_initial_masks(trained: tuple) -> None:
     config, _, _, _ = trained
     registry = MaskRegistry(config.registry.root)
-    bank, spec = registry.load_bank(config.bank)
+    bank, spec = load_bank(registry.source(config.bank))
     tasks = build_tasks(config)
     assert spec == build_spec(config, tasks)
     net = build_net(spec)

@@ -151,7 +151,7 @@ def test_killed_driver_resumes_to_identical_bits(
     report = registry.verify(config.bank)
     assert report.problems == {}
     # A writer killed mid-write may leave its temporary file; it is never taken for a task.
-    assert all(".tmp-" in name for name in report.stray), report.stray
+    assert report.foreign == [] and all(".tmp-" in name for name in report.temporary)
 
 
 def test_missing_data_root_fails_before_anything_is_written(tmp_path: Path) -> None:
