@@ -7,7 +7,7 @@
   pins.
 """
 
-from pipeline.tracking.client import resolve_tracking_uri
+from pipeline.paths import resolve_tracking_uri
 from pipeline.tracking.model_registry import (
     Registration,
     load_bank_from_model,

@@ -1,8 +1,7 @@
-"""MLflow clients for one tracking URI: the checks, and the process-wide settings MLflow needs.
+"""MLflow clients for one tracking URI, and the process-wide settings MLflow needs.
 
-Tracking URIs: `sqlite:///ABS/PATH/mlflow.db` (a local file; MLflow 3 refuses its plain file store)
-or `http(s)://HOST:PORT` (an `mlflow server`). Every function that talks to MLflow first calls
-`quiet()`, so no telemetry host is contacted.
+Tracking URIs are checked and resolved by `pipeline.paths.resolve_tracking_uri`. Every function
+that talks to MLflow first calls `quiet()`, so no telemetry host is contacted.
 """
 
 from __future__ import annotations
@@ -12,12 +11,13 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from pipeline.paths import resolve_tracking_uri, sqlite_path
 
 _GLOBAL_URI_LOCK = threading.Lock()
 
@@ -28,40 +28,6 @@ def quiet() -> None:
     telemetry = getattr(mlflow, "telemetry", None)
     if telemetry is not None and telemetry.get_telemetry_client() is not None:
         telemetry.set_telemetry_client()  # made at `import mlflow`; re-reading the setting drops it
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI (None for other URIs)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    if not uri.startswith("sqlite:///"):
-        raise ValueError(f"tracking URI {uri!r}: write SQLite URIs as sqlite:///ABS/PATH/mlflow.db")
-    rest = uri[len("sqlite:///"):]
-    if rest in ("", ":memory:"):
-        raise ValueError(f"tracking URI {uri!r}: an in-memory database keeps nothing; use "
-                         "sqlite:///ABS/PATH/mlflow.db")
-    return Path(rest.split("?", 1)[0])
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """`uri` checked, with a relative SQLite path made absolute (runs may change directory).
-
-    ValueError for plain paths and file: URIs, which MLflow 3 refuses as tracking stores.
-    """
-    uri = str(uri).strip()
-    if not uri or "://" not in uri and not uri.startswith("sqlite:"):
-        raise ValueError(
-            f"tracking URI {uri!r} is not supported: MLflow 3 refuses the plain file store; use "
-            "sqlite:///ABS/PATH/mlflow.db or the http://HOST:PORT of an `mlflow server`")
-    if uri.startswith("file:"):
-        raise ValueError(
-            f"tracking URI {uri!r}: MLflow 3 refuses the file store; use "
-            "sqlite:///ABS/PATH/mlflow.db or the http://HOST:PORT of an `mlflow server`")
-    path = sqlite_path(uri)
-    if path is not None and not path.is_absolute():
-        query = uri.split("?", 1)[1] if "?" in uri else ""
-        uri = f"sqlite:///{path.resolve()}" + (f"?{query}" if query else "")
-    return uri
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

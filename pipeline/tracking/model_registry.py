@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.bank_source import BankSource
+from pipeline.paths import resolve_tracking_uri
 from pipeline.registry import load_bank, read_manifest
 from pipeline.registry.transfer import KEY_SNAPSHOT
 from pipeline.tracking.client import (
@@ -37,7 +38,6 @@ from pipeline.tracking.client import (
     client_for,
     global_tracking_uri,
     is_missing,
-    resolve_tracking_uri,
     resumed_run,
 )
 from pipeline.tracking.pyfunc import (

@@ -19,14 +19,8 @@ import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking.client import (
-    as_text,
-    chunks,
-    client_for,
-    is_missing,
-    resolve_tracking_uri,
-    sqlite_path,
-)
+from pipeline.paths import resolve_tracking_uri, sqlite_path
+from pipeline.tracking.client import as_text, chunks, client_for, is_missing
 
 logger = logging.getLogger(__name__)
 
