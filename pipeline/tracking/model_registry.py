@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import shutil
 import tempfile
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 from mlflow.entities import RunStatus
@@ -213,11 +211,12 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
             copy = Path(tmp) / BANK_FILE  # the artifact keeps its file name: fix it
             shutil.copyfile(bank_file, copy)
             artifacts["bank"] = str(copy)
+        # No input example: MLflow would load the model to check it, reading the whole bank a
+        # second time; the signature states the input already.
         with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id):
             model_info = mlflow.pyfunc.log_model(
                 name="model", python_model=SupSupModel(), artifacts=artifacts,
                 signature=signature(spec, defaults),
-                input_example=np.zeros((2, math.prod(spec.input_shape)), np.float32),
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
             )
             try:

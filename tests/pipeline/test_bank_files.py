@@ -101,6 +101,16 @@ def test_publication_of_250_tasks_reads_each_task_file_once(tmp_path: Path) -> N
         again = publish_bank(config, tracker, run_id)
     assert (again.registration.version, again.registration.created) == (1, False)
     assert set(n for p, n in READS.items() if "/tasks/" in p) == {1}
+
+    pinned = config.model_copy(update={"tracking": config.tracking.model_copy(update={
+        "model_name": "pub-pinned", "embed_masks_max_bytes": 0})})
+    READS.clear()
+    with tracker.run("pinned") as run_id:  # masks left in the registry: still one read each
+        assert publish_bank(pinned, tracker, run_id).registration.created
+    assert len(READS) > 250 and set(n for p, n in READS.items() if "/tasks/" in p) == {1}
+    pinned_version = MlflowClient(config.tracking_uri).get_model_version("pub-pinned", "1")
+    assert pinned_version.tags["supsup.embedded"] == "false"
+
     bank, _ = load_bank(again.source)
     assert bank.task_ids == list(range(250))
     assert torch.equal(bank.packed("fc1")[7], torch.from_numpy(
