@@ -260,7 +260,7 @@ class MaskRegistry:
             return self._compare_stored(bank, task_id, final, mine)
         published = self.store.publish_new(final, lambda out: pq.write_table(tbl, out,
                                                                             **WRITE_OPTIONS))
-        if not published or not self.store.local:  # lost the race, or no create-if-absent
+        if not published or not self.store.exclusive:  # lost the race, or no create-if-absent
             status = self._compare_stored(bank, task_id, final, mine)
             if not published:
                 return status
@@ -395,7 +395,7 @@ class MaskRegistry:
             logger.info("replaced the reservoir of bank %r", bank)
             return "replaced"
         published = self.store.publish_new(final, write)
-        if not published or not self.store.local:
+        if not published or not self.store.exclusive:
             if not reservoir_file.same(rows, self.read_reservoir(bank)[0]):
                 raise self._reservoir_conflict(bank, final)
             if not published:

@@ -7,13 +7,15 @@ Publication: the bytes go to a temporary name in the same folder (".NAME.tmp-<uu
 Parquet dataset readers skip), are flushed to disk, and become visible under the final name only
 if that name is free. On a local file system a hard link does that atomically (the kernel refuses
 an existing name), so of two concurrent writers exactly one wins. Object stores have no
-create-if-absent: the writer checks right before the move and the caller reads the file back
-after it, so a loser is told unless both pass the check at the same instant.
+create-if-absent of their own: on S3 a conditional PUT (`If-None-Match: *`, s3.py) gives the same
+rule atomically; on other object stores the writer checks right before the move and the caller
+reads the file back after it, so a loser is told unless both pass the check at the same instant.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import uuid
@@ -24,6 +26,7 @@ from typing import BinaryIO
 import pyarrow.fs as pafs
 
 from pipeline.paths import resolve_root
+from pipeline.registry.s3 import conditional_put
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,13 @@ class Store:
             self.fs, path = pafs.LocalFileSystem(), self.root
         self.base = path.rstrip("/")
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._s3 = conditional_put(self.fs, self.root)
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether publication is atomic create-if-absent here (local disk, S3 with conditional
+        writes); elsewhere the caller reads a published file back to learn who won."""
+        return self.local or self._s3 is not None
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -76,9 +86,11 @@ class Store:
     def publish_new(self, final: str, write: Callable[[BinaryIO], None]) -> bool:
         """Write a file through `write(stream)` and publish it as `final` unless `final` exists.
 
-        True when this call published it; False when another writer had (nothing changed). On
-        object stores the caller must read `final` back to learn whether its bytes won.
+        True when this call published it; False when another writer had (nothing changed). Where
+        the store is not `exclusive`, the caller must read `final` back to learn who won.
         """
+        if self._s3 is not None:  # one atomic conditional PUT: no temporary object at all
+            return self._s3.put(final, _bytes_of(write), only_if_absent=True)
         folder = final.rsplit("/", 1)[0]
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.{final.rsplit('/', 1)[1]}{TMP_MARK}{uuid.uuid4().hex}"
@@ -93,6 +105,9 @@ class Store:
     def replace(self, final: str, write: Callable[[BinaryIO], None]) -> None:
         """Write a file and put it in place of `final` (for files that may be replaced on request,
         such as a reservoir; never task files)."""
+        if self._s3 is not None:
+            self._s3.put(final, _bytes_of(write), only_if_absent=False)
+            return
         folder = final.rsplit("/", 1)[0]
         tmp = f"{folder}/.{final.rsplit('/', 1)[1]}{TMP_MARK}{uuid.uuid4().hex}"
         try:
@@ -141,6 +156,12 @@ class Store:
                 self.fs.delete_file(path)
         except OSError as exc:
             logger.warning("could not remove temporary file %s: %s", path, exc)
+
+
+def _bytes_of(write: Callable[[BinaryIO], None]) -> bytes:
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()
 
 
 def _sync_dir(path: str) -> None:
