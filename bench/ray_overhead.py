@@ -2,8 +2,8 @@
 
 Both sides do the same work end to end: create the bank in a fresh mask registry, rebuild data
 and base network from the config, train every group with `supsup.train.train_group` and write each
-task's packed masks to the registry (`pipeline.train_job.train_group_worker`). The single-process
-side calls that function group after group; the Ray side is `pipeline.train_job.run_training`,
+task's packed masks to the registry (`pipeline.jobs.train.train_group_worker`). The single-process
+side calls that function group after group; the Ray side is `pipeline.jobs.train.run_training`,
 which also starts a local Ray, ships task ids to workers and collects their metrics. Tracking
 (MLflow) is not involved. Caches of the base data are cleared before each measurement so both
 sides load the data as a fresh process would.
@@ -40,7 +40,7 @@ from pipeline import datasets, experiment
 from pipeline.cluster import ray_session
 from pipeline.config import ExperimentConfig, parse_config
 from pipeline.experiment import task_groups
-from pipeline.train_job import prepare_bank, run_training, train_group_worker
+from pipeline.jobs.train import prepare_bank, run_training, train_group_worker
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 GOAL_OVERHEAD = 0.10

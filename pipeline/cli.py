@@ -67,9 +67,9 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
 
     Returns the TrainSummary, with `publication` (the bank's BankSource and model version)."""
     from pipeline.experiment import tracked_run
+    from pipeline.jobs.train import run_training
     from pipeline.publish import publish_bank
     from pipeline.report import plot_training
-    from pipeline.train_job import run_training
 
     with tracked_run(tracker, "train", {"job": "train", "bank": config.bank}, config) as run_id:
         bar = _Bar(f"train {config.bank}")
@@ -116,7 +116,7 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
 def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                 tags: dict[str, str] | None = None) -> Any:
     """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow."""
-    from pipeline.eval_job import run_evaluation
+    from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
 
     with tracker.run("evaluate", tags={"job": "evaluate", "bank": source.bank,
@@ -158,8 +158,8 @@ def _print_eval(report: Any, files: dict[str, Path]) -> None:
 
 def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
     """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
-    from pipeline.baseline_job import run_baseline
     from pipeline.experiment import tracked_run
+    from pipeline.jobs.baseline import run_baseline
 
     tags = {"job": "baseline", "model": config.model}
     with tracked_run(tracker, f"baseline-{config.model}", tags, config):
@@ -183,9 +183,9 @@ def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
 def do_scenario(config: Any, address: str | None, tracker: Any) -> dict[str, Any]:
     """Training without task identity ("nns") or the Hopfield reservoir ("hopfield")."""
     if config.scenario == "nns":
-        from pipeline.discovery_job import run_discovery as job
+        from pipeline.jobs.discovery import run_discovery as job
     else:
-        from pipeline.reservoir_job import run_reservoir as job
+        from pipeline.jobs.reservoir import run_reservoir as job
     bar = _Bar(f"{config.scenario} {config.name}")
     try:
         summary = job(config, progress=bar, tracker=tracker, address=address)
@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--tracking-uri")
     lk.add_argument("--config")
     lk.set_defaults(fn=cmd_lookup, set=None)
+    from pipeline.jobs.sweep import add_sweep_parser
     from pipeline.results import add_results_parser
-    from pipeline.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
     add_results_parser(sub)

@@ -1,8 +1,9 @@
 """The one place that starts or joins Ray.
 
-Local by default (this machine's CPUs and GPUs, quiet and bound to loopback); an address joins an
-existing cluster instead. A Ray session that is already up (a test fixture, a notebook) is reused
-and left running.
+Local by default (this machine's CPUs and GPUs, quiet and bound to loopback); an address
+(`--address`, `cluster.address` or RAY_ADDRESS) joins an existing cluster instead. A Ray session
+that is already up (a test fixture, a notebook, a `ray job submit` entrypoint) is reused and left
+running.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.config import ClusterSection
@@ -31,20 +32,33 @@ def quiet_ray_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def cluster_address(cluster: ClusterSection, address: str | None = None) -> str | None:
+    """The cluster to join, as Ray users name it: `--address`, else `cluster.address`, else the
+    standard RAY_ADDRESS variable (which `ray job submit` sets for its entrypoint); None for a
+    new local Ray."""
+    return address or cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextlib.contextmanager
 def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator[dict[str, Any]]:
-    """Start (or join) Ray for the duration of a job; yields the cluster's resources."""
+    """Start (or join) Ray for the duration of a job; yields the cluster's resources.
+
+    With no address anywhere, a new local Ray is started explicitly (`address="local"`): a
+    `ray_current_cluster` file left by a killed `ray start --head` is never taken for a cluster
+    to join. Joining passes no CPU or GPU counts (the cluster has its own).
+    """
     import ray
 
     quiet_ray_env()
     owned = False
     if not ray.is_initialized():
-        target = address or cluster.address
+        target = cluster_address(cluster, address)
         if target:
             log.info("joining Ray cluster at %s", target)
-            ray.init(address=target, log_to_driver=False)
+            ray.init(address=target, log_to_driver=False, configure_logging=False)
         else:
             ray.init(
+                address="local",
                 num_cpus=cluster.num_cpus or os.cpu_count() or 1,
                 num_gpus=cluster.num_gpus,
                 include_dashboard=False,
@@ -57,6 +71,47 @@ def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator
     finally:
         if owned:
             ray.shutdown()
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's live nodes (Ray's node records: NodeID, NodeManagerAddress, ...)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared(root: str, probe: str, exists: Callable[[str, str], bool]) -> None:
+    """ValueError unless every node of a multi-node cluster sees `probe` under `root`.
+
+    The driver has just written `probe`; a tiny task pinned to each node asks
+    `exists(root, probe)` there. A local folder that is not shared storage (or an object store
+    whose credentials a node lacks) fails here, before any training, instead of each node
+    writing masks to its own disk.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = alive_nodes()
+    if len(nodes) <= 1:
+        return
+    check = ray.remote(num_cpus=0, max_retries=0)(exists)
+    refs = {n["NodeManagerAddress"]: check.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            root, probe) for n in nodes}
+    blind = []
+    for where, ref in refs.items():
+        try:
+            seen = ray.get(ref, timeout=120)
+        except Exception as exc:  # noqa: BLE001  (any failure there means: not reachable)
+            seen, where = False, f"{where} ({type(exc).__name__}: {exc})"
+        if not seen:
+            blind.append(where)
+    if blind:
+        raise ValueError(
+            f"registry.root {root} is not shared by every node of the Ray cluster: nodes "
+            f"{', '.join(blind)} do not see it. Each node would store masks on its own disk: use "
+            "shared storage mounted at the same path on every node, or an object store "
+            "(registry.root: s3://BUCKET/PREFIX, credentials from the AWS environment)")
 
 
 def worker_slots(cluster: ClusterSection, resources: dict[str, Any]) -> int:

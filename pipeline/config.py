@@ -176,7 +176,7 @@ class SweepSection(_Section):
     """A hyper-parameter search (`supsup sweep`): the space is data, keyed by dotted config paths.
 
     Every key must name a field of the config (checked here, at load time); every value is checked
-    against the config by pipeline.sweep before any trial starts.
+    against the config by pipeline.jobs.sweep before any trial starts.
     """
 
     space: dict[str, SweepDomain]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.eval_job import EvalReport
+from pipeline.jobs.evaluate import EvalReport
 
 
 def _pct(v: float | None) -> str:

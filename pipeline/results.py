@@ -148,7 +148,7 @@ def _baseline_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
 
 
 def _sweep_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
-    from pipeline.sweep import trial_task_ids
+    from pipeline.jobs.sweep import trial_task_ids
 
     config = _config(entry, out)
     folder = config.run_dir / "sweep"

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_spec, build_tasks
+from pipeline.jobs.devices import worker_device
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ def run_baseline(
     accuracy per task id, forgetting, bytes_per_task, shared_bytes, total_bytes, seconds and
     one row per task.
     """
-    import torch
 
     from supsup.baselines import BASELINES, evaluate_baseline, train_baseline
     from supsup.train import TrainProgress
@@ -85,7 +85,7 @@ def run_baseline(
             if progress:
                 progress(done, total)
 
-    device = "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    device = worker_device(config.cluster)
     log.info("training baseline %s on %d %s tasks (%s, %s)", config.model, total,
              config.tasks.family, spec.name, device)
     result = train_baseline(config.model, spec, tasks, task_ids, config.train_config(),

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, tracked_run
+from pipeline.jobs.devices import worker_device
 from pipeline.registry import MaskRegistry, load_bank
 from supsup.discovery import DiscoveryConfig
 
@@ -104,9 +105,7 @@ class StreamCounter:
 
 
 def _device(config: ExperimentConfig) -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    return worker_device(config.cluster)
 
 
 def discover_worker(config_data: dict[str, Any], counter: Any = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Data-parallel training of one task's supermask with Ray Train, for tasks too big for one worker.
 
-Most SupSup tasks are small and train many-per-worker (`pipeline.train_job`). A SplitImageNet task
+Most SupSup tasks are small and train many-per-worker (`pipeline.jobs.train`). A SplitImageNet task
 in the GG scenario (ResNet-50 at 224x224, 100 epochs over ~13,000 images, the paper's Table 1) is
 not: one worker would need days for it. Here one task's scores are trained by N Ray Train workers
 (`TorchTrainer`), one task after another:

@@ -10,17 +10,23 @@ its first k tasks, as it stood when k tasks were learned).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.bank_source import BankSource
-from pipeline.cluster import ray_session, remote_options, worker_threads
+from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.jobs.fanout import fan_out
 from pipeline.registry import check_matches, load_bank, read_manifest
 from pipeline.registry.manifest import build_manifest
+from pipeline.registry.store import probe, probe_seen
 from supsup.bank import describe_ids
 
 log = logging.getLogger(__name__)
@@ -60,10 +66,12 @@ def evaluate_group_worker(
     source: BankSource,
     task_ids: list[int],
     candidates: list[int] | None,
+    bank_file: bytes | None = None,
 ) -> list[dict[str, Any]]:
     """Runs inside a Ray worker: evaluate `task_ids`, inferring among `candidates`.
 
-    The worker loads the source itself (verified against its hashes), once per process."""
+    The worker loads the source itself (verified against its hashes), once per process. On a
+    multi-node cluster a bank file that lives on the driver arrives as `bank_file` bytes."""
     import torch
 
     from pipeline.config import ExperimentConfig
@@ -71,6 +79,8 @@ def evaluate_group_worker(
 
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
+    if bank_file is not None:
+        source = source.with_location(export=_local_copy(source, bank_file))
     bank, spec = load_bank(source, cache=True)
     tasks = build_tasks(config)
     net = build_net(spec)
@@ -87,6 +97,16 @@ def evaluate_group_worker(
         row["seconds"] = time.perf_counter() - start
         out.append(row)
     return out
+
+
+def _local_copy(source: BankSource, data: bytes) -> str:
+    """The bank file's bytes as a file on this node (once per snapshot); load_bank checks them."""
+    path = Path(tempfile.gettempdir()) / f"supsup-bank-{source.snapshot_sha256}.parquet"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def check_config_against_bank(config: ExperimentConfig, source: BankSource) -> None:
@@ -129,8 +149,6 @@ def run_evaluation(
     The config must describe the bank (seed, network, task family, data set, mask rule):
     BankMismatchError naming both values otherwise, before any worker starts.
     """
-    import ray
-
     start = time.perf_counter()
     check_config_against_bank(config, source)
     ids = list(source.task_ids) if task_ids is None else list(task_ids)
@@ -150,22 +168,29 @@ def run_evaluation(
     config_data = config.model_dump()
     rows: list[dict[str, Any]] = []
     curve_rows: dict[int, list[dict[str, Any]]] = {}
+    total = sum(len(g) for _, _, g, _ in jobs)
+    done = [0]
+
+    def on_result(job: tuple[str, int, list[int], list[int] | None], result: Any) -> None:
+        kind, k, group, _ = job
+        (rows if kind == "final" else curve_rows.setdefault(k, [])).extend(result)
+        done[0] += len(group)
+        if progress:
+            progress(done[0], total)
+
     with ray_session(config.cluster, address):
-        remote = ray.remote(**remote_options(config.cluster, config.train.max_retries))(
-            evaluate_group_worker)
-        refs = {remote.remote(config_data, source, g, cands): (kind, k, g)
-                for kind, k, g, cands in jobs}
-        total = sum(len(g) for _, _, g, _ in jobs)
-        done = 0
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            kind, k, group = refs[ready[0]]
-            result = ray.get(ready[0])
-            (rows if kind == "final" else curve_rows.setdefault(k, [])).extend(result)
-            done += len(group)
-            if progress:
-                progress(done, total)
+        import ray
+
+        blob = None
+        if source.root is not None:
+            with probe(source.root) as name:
+                check_shared(source.root, name, probe_seen)
+        elif len(alive_nodes()) > 1:  # the bank file is on the driver: ship it once
+            blob = ray.put(Path(source.export).read_bytes())  # type: ignore[arg-type]
+        fan_out(evaluate_group_worker, jobs, lambda j: (config_data, source, j[2], j[3], blob),
+                options=remote_options(config.cluster, config.train.max_retries),
+                on_result=on_result,
+                describe=lambda j: f"evaluating tasks {describe_ids(j[2])} of {source.bank!r}")
     rows.sort(key=lambda r: r["task_id"])
     summary = _summary(rows)
     curve = []

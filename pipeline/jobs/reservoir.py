@@ -29,6 +29,8 @@ from typing import Any
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_tasks, tracked_run
+from pipeline.jobs.devices import worker_device
+from pipeline.jobs.fanout import fan_out
 from pipeline.registry import MaskRegistry
 from supsup.networks import NetworkSpec
 from supsup.tasks import TaskSet
@@ -91,9 +93,7 @@ def _net(config: ExperimentConfig, tasks: TaskSet) -> Any:
 
 
 def _device(config: ExperimentConfig) -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    return worker_device(config.cluster)
 
 
 def _pack(gates: list[Any]) -> list[bytes]:
@@ -253,23 +253,6 @@ def run_reservoir(
     return summary
 
 
-def _gather(refs: dict[Any, int], what: str, on_done: Callable[[], None]) -> dict[int, Any]:
-    import ray
-
-    out: dict[int, Any] = {}
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        for ref in ready:
-            t = refs[ref]
-            try:
-                out[t] = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                raise RuntimeError(f"{what} of task {t} failed: {err}") from err
-            on_done()
-    return out
-
-
 def _train_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: list[int],
                progress: Callable[[int, int], None] | None, total: int
                ) -> tuple[dict[int, dict[str, Any]], list[list[float]]]:
@@ -277,18 +260,8 @@ def _train_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: 
 
     options = remote_options(config.cluster, config.train.max_retries)
     capacity_ref = ray.remote(**options)(capacity_worker).remote(config_data)
-    train = ray.remote(**options)(train_gates_worker)
-    refs = {train.remote(config_data, t): t for t in task_ids}
-    done = [0]
-    if progress:
-        progress(0, total)
-
-    def tick() -> None:
-        done[0] += 1
-        if progress:
-            progress(done[0], total)
-
-    trained = _gather(refs, "learning the gates", tick)
+    trained = _each_task(train_gates_worker, "learning the gates", config, config_data, task_ids,
+                         progress, total, 0)
     try:
         capacity = ray.get(capacity_ref)
     except ray.exceptions.RayError as err:
@@ -298,19 +271,28 @@ def _train_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: 
 
 def _recall_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: list[int],
                 progress: Callable[[int, int], None] | None, total: int) -> dict[int, Any]:
-    import ray
+    return _each_task(recall_worker, "recall", config, config_data, task_ids, progress, total,
+                      len(task_ids))
 
-    options = remote_options(config.cluster, config.train.max_retries)
-    recall = ray.remote(**options)(recall_worker)
-    refs = {recall.remote(config_data, t): t for t in task_ids}
-    done = [len(task_ids)]
 
-    def tick() -> None:
-        done[0] += 1
+def _each_task(worker: Callable[..., Any], what: str, config: ExperimentConfig,
+               config_data: dict[str, Any], task_ids: list[int],
+               progress: Callable[[int, int], None] | None, total: int,
+               done_before: int) -> dict[int, Any]:
+    """`worker(config_data, task)` for every task on the shared fan-out, counting progress."""
+    out: dict[int, Any] = {}
+
+    def on_result(task: int, result: Any) -> None:
+        out[task] = result
         if progress:
-            progress(done[0], total)
+            progress(done_before + len(out), total)
 
-    return _gather(refs, "recall", tick)
+    if progress:
+        progress(done_before, total)
+    fan_out(worker, task_ids, lambda t: (config_data, t),
+            options=remote_options(config.cluster, config.train.max_retries),
+            on_result=on_result, describe=lambda t: f"{what} of task {t}")
+    return out
 
 
 def _summarise(config: ExperimentConfig, widths: tuple[int, ...], trained: dict[int, Any],

@@ -198,12 +198,13 @@ def sweep_trial(params: dict[str, Any], config_data: dict[str, Any]) -> None:
     from pipeline.cluster import worker_threads
     from pipeline.config import ExperimentConfig
     from pipeline.experiment import build_net, build_spec
+    from pipeline.jobs.devices import worker_device
     from supsup.evaluate import scores_accuracy
     from supsup.train import TrainProgress, train_group
 
     config = with_values(ExperimentConfig.model_validate(config_data), params, "sweep trial")
     torch.set_num_threads(worker_threads(config.cluster))
-    device = "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    device = worker_device(config.cluster)
     tasks = validation_tasks(config)
     net = build_net(build_spec(config, tasks))
     latest: dict[str, float] = {}

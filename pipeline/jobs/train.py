@@ -19,10 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cluster import ray_session, remote_options, worker_slots, worker_threads
+from pipeline.cluster import (
+    check_shared,
+    ray_session,
+    remote_options,
+    worker_slots,
+    worker_threads,
+)
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.jobs.devices import worker_device
+from pipeline.jobs.fanout import fan_out
 from pipeline.registry import MaskRegistry
+from pipeline.registry.store import probe, probe_seen
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,7 @@ class TrainSummary:
     run_id: str | None = None
     model_version: int | None = None
     publication: Any = None  # pipeline.publish.Publication, set once the bank is published
+    nodes: dict[int, str] = field(default_factory=dict)  # task id -> Ray node id that trained it
 
     @property
     def tasks_per_hour(self) -> float:
@@ -60,11 +70,12 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
 
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
-    device = "cuda" if torch.cuda.is_available() and config.cluster.gpus_per_worker > 0 else "cpu"
+    device = worker_device(config.cluster)
     tasks = build_tasks(config)
     spec = build_spec(config, tasks)
     net = build_net(spec)
     registry = MaskRegistry(config.registry.root)
+    node_id = _node_id()
     start = time.perf_counter()
     result = train_group(net, tasks, task_ids, config.train_config(), device=device)
     seconds = (time.perf_counter() - start) / len(task_ids)
@@ -76,9 +87,17 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
             "train_accuracy": result.accuracy[t], "train_loss": result.loss[t],
             "density": result.density[t], "seconds": seconds, "steps": result.task_steps[t],
         }
-        status = registry.write_task(config.bank, t, packed, stats, metadata=metrics)
-        out.append({"task_id": t, "status": status, **metrics})
+        status = registry.write_task(config.bank, t, packed, stats,
+                                     metadata={**metrics, "node_id": node_id})
+        out.append({"task_id": t, "status": status, "node_id": node_id, **metrics})
     return out
+
+
+def _node_id() -> str:
+    """The Ray node this runs on ("" outside Ray): recorded with each task, for lineage."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
@@ -110,7 +129,6 @@ def run_training(
     `progress(done, total)` is called as groups finish; `on_task(metrics)` once per new task
     (the CLI hangs the progress bar and MLflow logging there).
     """
-    import ray
 
     registry, stored = prepare_bank(config)
     all_ids = list(range(config.tasks.num_tasks))
@@ -128,7 +146,7 @@ def run_training(
         return summary
     start = time.perf_counter()
     if config.train.data_parallel_workers > 1:  # each task too big for one worker: Ray Train
-        from pipeline.distributed import train_task_distributed
+        from pipeline.jobs.distributed import train_task_distributed
 
         with ray_session(config.cluster, address):
             for t in [t for t in all_ids if t not in done]:
@@ -143,39 +161,29 @@ def run_training(
         summary.seconds = time.perf_counter() - start
         return summary
     config_data = config.model_dump()
+    all_set = set(all_ids)
+
+    def on_result(group: list[int], results: list[dict[str, Any]]) -> None:
+        for r in results:
+            summary.nodes[r["task_id"]] = r.pop("node_id", "")
+            if r["task_id"] in done:
+                continue  # retrained with its group; the registry confirmed it unchanged
+            done.add(r["task_id"])
+            summary.trained[r["task_id"]] = {
+                k: float(v) for k, v in r.items() if k not in ("task_id", "status")}
+            if on_task:
+                on_task(r)
+        if progress:
+            progress(len(done & all_set), total)
+
     with ray_session(config.cluster, address) as resources:
-        slots = worker_slots(config.cluster, resources)
-        in_flight_max = config.train.max_in_flight or slots
-        remote = ray.remote(**remote_options(config.cluster, config.train.max_retries))(
-            train_group_worker)
-        queue = list(groups)
-        running: dict[Any, list[int]] = {}
-        while queue or running:
-            while queue and len(running) < in_flight_max:
-                group = queue.pop(0)
-                running[remote.remote(config_data, group)] = group
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                group = running.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    raise RuntimeError(
-                        f"training tasks {group[0]}..{group[-1]} failed after "
-                        f"{config.train.max_retries} retries: {err}. Tasks already in the "
-                        f"registry are kept; rerun the same command to resume."
-                    ) from err
-                for r in results:
-                    if r["task_id"] in done:
-                        continue  # retrained with its group; the registry confirmed it unchanged
-                    done.add(r["task_id"])
-                    summary.trained[r["task_id"]] = {
-                        k: float(v) for k, v in r.items() if k not in ("task_id", "status")}
-                    if on_task:
-                        on_task(r)
-                finished = len(done & set(all_ids))
-                if progress:
-                    progress(finished, total)
+        with probe(registry.root) as name:
+            check_shared(registry.root, name, probe_seen)
+        fan_out(train_group_worker, groups, lambda g: (config_data, g),
+                options=remote_options(config.cluster, config.train.max_retries),
+                on_result=on_result, describe=lambda g: f"training tasks {g[0]}..{g[-1]}",
+                max_in_flight=config.train.max_in_flight or worker_slots(config.cluster,
+                                                                         resources))
     summary.seconds = time.perf_counter() - start
     return summary
 

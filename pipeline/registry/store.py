@@ -14,13 +14,14 @@ reads the file back after it, so a loser is told unless both pass the check at t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import os
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import pyarrow.fs as pafs
@@ -156,6 +157,30 @@ class Store:
                 self.fs.delete_file(path)
         except OSError as exc:
             logger.warning("could not remove temporary file %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def probe(root: str) -> Iterator[str]:
+    """A small object written under `root` for the duration of the block; yields its name.
+
+    Lets the driver ask every node of a cluster whether it sees the same registry
+    (`probe_seen`), then removes it.
+    """
+    store = Store(root)
+    name = f".supsup-probe{TMP_MARK}{uuid.uuid4().hex}"
+    path = store.join(name)
+    store.fs.create_dir(store.base, recursive=True)
+    store.publish_new(path, lambda out: out.write(b"supsup registry probe\n"))
+    try:
+        yield name
+    finally:
+        store.remove_quietly(path)
+
+
+def probe_seen(root: str, name: str) -> bool:
+    """Whether the probe `name` is visible under `root` from this process (run on each node)."""
+    store = Store(root)
+    return store.exists(store.join(name))
 
 
 def _bytes_of(write: Callable[[BinaryIO], None]) -> bytes:

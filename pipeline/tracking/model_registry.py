@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,9 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
             artifacts["bank"] = str(copy)
         # No input example: MLflow would load the model to check it, reading the whole bank a
         # second time; the signature states the input already.
-        with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id):
+        with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             model_info = mlflow.pyfunc.log_model(
                 name="model", python_model=SupSupModel(), artifacts=artifacts,
                 signature=signature(spec, defaults),

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.baseline_job import report_path, run_baseline
 from pipeline.config import ExperimentConfig, parse_config
+from pipeline.jobs.baseline import report_path, run_baseline
 
 pytestmark = pytest.mark.slow
 

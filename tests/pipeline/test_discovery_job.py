@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
-from pipeline.discovery_job import run_discovery
+from pipeline.jobs.discovery import run_discovery
 from pipeline.registry import MaskRegistry, load_bank
 from pipeline.tracking import Tracker
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
-from pipeline.distributed import (
+from pipeline.experiment import build_net, build_spec, build_tasks
+from pipeline.jobs.distributed import (
     collective_backend,
     data_parallel_steps,
     rank_seed,
     scaling_options,
     train_task_distributed,
 )
-from pipeline.experiment import build_net, build_spec, build_tasks
+from pipeline.jobs.train import TrainSummary, prepare_bank, run_training, train_group_worker
 from pipeline.registry import MaskRegistry, load_bank
-from pipeline.train_job import TrainSummary, prepare_bank, run_training, train_group_worker
 from supsup.bank import MaskBank
 from supsup.binding import use_task
 from supsup.networks import SupermaskNet

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
+from pipeline.jobs.reservoir import run_reservoir
 from pipeline.registry import MaskRegistry, RegistryConflictError
-from pipeline.reservoir_job import run_reservoir
 from pipeline.tracking import Tracker
 
 WIDTH = 1024  # d; the paper's 2048 recalls exactly too but trains 3x slower on a CPU

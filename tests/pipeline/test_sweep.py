@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.experiment import build_net, build_spec, build_tasks
-from pipeline.sweep import (
+from pipeline.jobs.sweep import (
     add_sweep_parser,
     best_config,
     cmd_sweep,

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from pipeline.config import ExperimentConfig, parse_config
+from pipeline.jobs.train import prepare_bank, run_training, train_group_worker
 from pipeline.registry import MaskRegistry
-from pipeline.train_job import prepare_bank, run_training, train_group_worker
 
 pytestmark = pytest.mark.slow
 
