@@ -336,7 +336,10 @@ class ExperimentConfig(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        """tracking.uri, else MLflow's standard MLFLOW_TRACKING_URI, else SQLite in the run
+        folder."""
+        return (self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}")
 
     @property
     def experiment_name(self) -> str:
