@@ -110,11 +110,15 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_env: dict[str, Any]
         work.mkdir()
         config = _config(tmp_path, "submitted")
         (work / "exp.yaml").write_text(config.read_text())
-        done = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
-             f"--working-dir={work}", "--", "supsup", "run", "exp.yaml"],
-            env=env, capture_output=True, text=True, timeout=600)
-        out = done.stdout + done.stderr
+        for _ in range(30):  # the job agent starts a little after the head answers
+            done = subprocess.run(
+                [str(VENV_BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
+                 f"--working-dir={work}", "--", "supsup", "run", "exp.yaml"],
+                env=env, capture_output=True, text=True, timeout=600)
+            out = done.stdout + done.stderr
+            if "No available agent to submit job" not in out:
+                break
+            time.sleep(2)
         assert done.returncode == 0, out[-4000:]
         assert f"joining Ray cluster at {address}" in out  # RAY_ADDRESS, set by Ray for the job
         assert "task inference" in out

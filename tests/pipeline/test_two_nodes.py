@@ -155,18 +155,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                           f"--temp-dir={head_tmp}", *common], env, tmp / "head.log")
         address = f"{hosts.ip['a']}:{port}"
         time.sleep(3)
-        hosts.start("b", [str(VENV_BIN / "ray"), "start", f"--address={address}",
+        # Host B has its own disk at `private`: a tmpfs over that folder in B's mount namespace,
+        # so a registry there is not shared storage, as on two real machines.
+        private = tmp / "private"
+        private.mkdir()
+        ray_b = " ".join([str(VENV_BIN / "ray"), "start", f"--address={address}",
                           f"--node-ip-address={hosts.ip['b']}", f"--temp-dir={worker_tmp}",
-                          *common], env, tmp / "worker.log")
-        check = ("import ray, time\nray.init()\nfor _ in range(120):\n"
+                          *common])
+        hosts.start("b", ["unshare", "--mount", "sh", "-c",
+                          f"mount -t tmpfs tmpfs {private} && exec {ray_b}"], env,
+                    tmp / "worker.log")
+        check = ("import ray, time\nray.init()\nfor _ in range(360):\n"
                  "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n"
                  "    time.sleep(0.5)\nprint(sum(n['Alive'] for n in ray.nodes()))\n")
         seen = hosts.run("a", [sys.executable, "-c", check], {**env, "RAY_ADDRESS": address},
-                         timeout=120)
+                         timeout=300)
         assert seen.stdout.strip().endswith("2"), (seen.stdout, seen.stderr,
                                                    (tmp / "worker.log").read_text()[-2000:])
         yield {"hosts": hosts, "env": {**env, "RAY_ADDRESS": address}, "tmp": tmp,
-               "root": f"s3://{BUCKET}/registry"}
+               "root": f"s3://{BUCKET}/registry", "private": private}
     finally:
         hosts.down()
         if s3 is not None:
@@ -181,7 +188,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _config(tmp: Path, name: str, num_tasks: int, steps: int) -> Path:
+def _config(tmp: Path, name: str, num_tasks: int, steps: int,
+            root: str = f"s3://{BUCKET}/registry") -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "output_dir": str(tmp / "runs"),
@@ -189,7 +197,7 @@ def _config(tmp: Path, name: str, num_tasks: int, steps: int) -> Path:
         "tasks": {"family": "permuted", "num_tasks": num_tasks},
         "train": {"steps": steps, "group_size": 2, "max_retries": 3},
         "cluster": {"cpus_per_worker": 1, "threads_per_worker": 1},
-        "registry": {"root": f"s3://{BUCKET}/registry"},
+        "registry": {"root": root},
         "tracking": {"register_model": False},
     }))
     return path
@@ -254,3 +262,16 @@ def test_a_killed_worker_node_is_survived_without_loss_or_duplicates(
     assert registry.verify("survive").all_ok
     print("stored before the kill:", len(stored), "of 12")
     assert _bits(registry, "survive") == _reference_bits(config, tmp_path / "reference")
+
+
+def test_a_registry_folder_that_a_node_does_not_share_is_refused_before_training(
+        cluster: dict[str, Any]) -> None:
+    config = _config(cluster["tmp"], "unshared", num_tasks=4, steps=20,
+                     root=str(cluster["private"] / "registry"))
+    driver = _train(cluster, config)
+    assert driver.wait(timeout=300) == 2
+    log = (cluster["tmp"] / "unshared.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is not shared by every node" in errors[0], log[-3000:]
+    assert cluster["hosts"].ip["b"] in errors[0] and "s3://" in errors[0]
+    assert MaskRegistry(cluster["private"] / "registry").tasks("unshared") == []  # none trained
