@@ -240,6 +240,20 @@ def test_groups_run_on_both_nodes_and_match_one_node_bit_for_bit(
     assert _bits(registry, "spread") == _reference_bits(config, tmp_path / "reference")
 
 
+# Runs before the node kill below, while host B is still in the cluster.
+def test_a_registry_folder_that_a_node_does_not_share_is_refused_before_training(
+        cluster: dict[str, Any]) -> None:
+    config = _config(cluster["tmp"], "unshared", num_tasks=4, steps=20,
+                     root=str(cluster["private"] / "registry"))
+    driver = _train(cluster, config)
+    assert driver.wait(timeout=300) == 2
+    log = (cluster["tmp"] / "unshared.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "is not shared by every node" in errors[0], log[-3000:]
+    assert cluster["hosts"].ip["b"] in errors[0] and "s3://" in errors[0]
+    assert MaskRegistry(cluster["private"] / "registry").tasks("unshared") == []  # none trained
+
+
 def test_a_killed_worker_node_is_survived_without_loss_or_duplicates(
         cluster: dict[str, Any], tmp_path: Path, one_thread: None) -> None:
     config = _config(cluster["tmp"], "survive", num_tasks=12, steps=120)
@@ -262,16 +276,3 @@ def test_a_killed_worker_node_is_survived_without_loss_or_duplicates(
     assert registry.verify("survive").all_ok
     print("stored before the kill:", len(stored), "of 12")
     assert _bits(registry, "survive") == _reference_bits(config, tmp_path / "reference")
-
-
-def test_a_registry_folder_that_a_node_does_not_share_is_refused_before_training(
-        cluster: dict[str, Any]) -> None:
-    config = _config(cluster["tmp"], "unshared", num_tasks=4, steps=20,
-                     root=str(cluster["private"] / "registry"))
-    driver = _train(cluster, config)
-    assert driver.wait(timeout=300) == 2
-    log = (cluster["tmp"] / "unshared.log").read_text()
-    errors = [line for line in log.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "is not shared by every node" in errors[0], log[-3000:]
-    assert cluster["hosts"].ip["b"] in errors[0] and "s3://" in errors[0]
-    assert MaskRegistry(cluster["private"] / "registry").tasks("unshared") == []  # none trained
