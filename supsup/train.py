@@ -178,6 +178,7 @@ def train_group(
     window_loss = torch.zeros(len(task_ids), device=device)
     window_correct = torch.zeros(len(task_ids), device=device)
     window_n = 0
+    first_bad = torch.full((len(task_ids),), -1, dtype=torch.long, device=device)
     history: list[TrainProgress] = []
     start = time.perf_counter()
     net.train()
@@ -197,10 +198,15 @@ def train_group(
             per_task.sum().backward()
             opt.step()
             with torch.no_grad():
+                # The first step at which each task's loss went non-finite (-1: never), kept on
+                # the device and read only at log points, so no step waits for the host.
+                bad = ~torch.isfinite(per_task.detach()) & (first_bad < 0)
+                first_bad = torch.where(bad, step, first_bad)
                 window_loss += per_task.detach()
                 window_correct += (logits[..., : tasks.num_classes].argmax(-1) == y).float().mean(1)
                 window_n += 1
             if (step + 1) % config.log_every == 0 or step + 1 == steps:
+                _check_finite(task_ids, first_bad, scores, step + 1)
                 val = None
                 if validate is not None:
                     net.eval()
@@ -231,6 +237,33 @@ def train_group(
         history=history,
         task_steps=dict(own_steps),
     )
+
+
+class NonFiniteError(FloatingPointError):
+    """A task's loss or scores stopped being finite: its masks would be meaningless."""
+
+
+def _check_finite(task_ids: list[int], first_bad: torch.Tensor, scores: TaskScores,
+                  step: int) -> None:
+    """NonFiniteError naming the first task (and step) whose loss or scores are not finite.
+
+    A non-finite loss (a learning rate far too large, a broken input) drives scores to inf/NaN,
+    and thresholding NaN scores still yields a 0/1 "mask": without this check such masks would
+    be stored and served as if they were learned.
+    """
+    bad = first_bad.tolist()
+    for i, t in enumerate(task_ids):
+        if bad[i] >= 0:
+            raise NonFiniteError(
+                f"task {t}: the training loss became non-finite at step {bad[i] + 1}; nothing of "
+                f"this group is stored. Lower train.lr (or check the data) and rerun")
+    for name, tensor in scores.named_parameters():
+        finite = torch.isfinite(tensor.detach().flatten(1)).all(1)  # (G,) per task
+        if not bool(finite.all()):
+            t = task_ids[int((~finite).nonzero()[0])]
+            raise NonFiniteError(
+                f"task {t}: scores of layer {name} are not finite by step {step}; nothing of "
+                "this group is stored. Lower train.lr and rerun")
 
 
 def _merge(task_ids: list[int], parts: list[TrainResult]) -> TrainResult:

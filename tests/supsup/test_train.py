@@ -15,6 +15,7 @@ from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
 from supsup.tasks import PermutedTasks, SplitTasks, TensorData
 from supsup.train import (
+    NonFiniteError,
     TrainConfig,
     TrainProgress,
     add_to_bank,
@@ -158,6 +159,19 @@ def test_training_reduces_the_test_loss() -> None:
     assert acc_1 >= 0.9
     assert trained.accuracy[0] >= 0.8  # the last logging window of training accuracy
     assert trained.steps == 60 and untrained.steps == 0
+
+
+def test_a_non_finite_loss_stops_the_group_naming_task_and_step() -> None:
+    tasks, net = _tasks(), _net()
+    train = _blobs(512)
+    train.x[0, 0, 0, 0] = float("nan")  # one broken example: the tasks' batches will meet it
+    broken = PermutedTasks(train, _blobs(256, seed=1), 4, seed=0)
+    with pytest.raises(NonFiniteError, match=r"task \d: the training loss became non-finite at "
+                                             r"step \d+; nothing of this group is stored"):
+        train_group(net, broken, [1, 2], TrainConfig(steps=200, batch_size=256, log_every=50))
+    with pytest.raises(NonFiniteError, match=r"task 0: .* Lower train.lr"):
+        train_group(net, tasks, [0], TrainConfig(steps=30, lr=1e38, optimizer="sgd",
+                                                 log_every=10))
 
 
 @pytest.mark.parametrize("optimizer", ["rmsprop", "adam", "sgd"])
