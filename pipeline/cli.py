@@ -6,8 +6,11 @@ The only place that configures logging handlers and draws progress bars.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -56,10 +59,13 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _tracker(config: Any) -> Any:
+    """The experiment's Tracker; runs that a killed earlier command left RUNNING are closed."""
     from pipeline.tracking import Tracker
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    return Tracker(config.tracking_uri, config.experiment_name)
+    tracker = Tracker(config.tracking_uri, config.experiment_name)
+    tracker.close_abandoned_runs()
+    return tracker
 
 
 def do_train(config: Any, address: str | None, tracker: Any) -> Any:
@@ -347,6 +353,8 @@ def _where(config: Any, version: int | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supsup", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of a failure instead of one error line")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -395,12 +403,58 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("mlflow", "alembic", "urllib3", "ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow's HTTP retries back off for minutes by default; a dead server should fail in
+    # seconds (users may still set these themselves).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.fn(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; tasks already stored are kept, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (the one boundary: every failure is one line)
+        if args.debug:
+            raise
+        print(f"error: {describe_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM ends a command like Ctrl-C: runs are marked KILLED and Ray is shut down."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a failure: what, where, and what to do next (the traceback: --debug)."""
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, MemoryError):
+        return ("out of memory; lower tasks.num_tasks, train.group_size or evaluate.group_size, "
+                "or run on a machine with more memory")
+    if isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, FileExistsError)):
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return (f"no space left on the device{where}: free space there, or point "
+                    "output_dir / registry.root at a disk with room; stored tasks are kept")
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (f"not allowed to write{where}: {err.strerror}; choose a writable "
+                    "output_dir / registry.root")
+        return f"{err.strerror or err}{where}"
+    if isinstance(err, (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+                        FloatingPointError)):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return "; ".join(lines) or type(err).__name__  # several config errors: one line
+    module = type(err).__module__.split(".")[0]
+    if module in ("mlflow", "ray"):
+        text = getattr(err, "message", None) or str(err)
+        return f"{module}: {text.strip().splitlines()[0]} (rerun with --debug for the traceback)"
+    return f"{type(err).__name__}: {err} (rerun with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.tracking.client import as_text, chunks, client_for, is_missing
 
 logger = logging.getLogger(__name__)
 
+PROCESS_TAG = "supsup.process"  # host:pid:start time of the process that opened a run
 PARAM_VALUE_LIMIT = 500  # the oldest MLflow servers' limit; longer values go to an artifact
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
 _METRIC_BATCH = 1000
@@ -113,6 +115,7 @@ class Tracker:
         parent = parent_run_id or (self._runs[-1] if self._runs else None)
         all_tags = {k: as_text(v) for k, v in (tags or {}).items()}
         all_tags["mlflow.runName"] = run_name
+        all_tags[PROCESS_TAG] = this_process()
         if parent is not None:
             try:
                 self.client.get_run(parent)
@@ -129,15 +132,34 @@ class Tracker:
         try:
             yield run_id
             status = RunStatus.to_string(RunStatus.FINISHED)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
             status = RunStatus.to_string(RunStatus.KILLED)
             raise
         finally:
             self._runs.remove(run_id)
             try:
                 self.client.set_terminated(run_id, status)
-            except MlflowException as exc:
-                logger.warning("could not mark run %s %s: %s", run_id, status, exc.message)
+            except Exception as exc:  # noqa: BLE001  (a dead server: the next run closes it)
+                logger.warning("could not mark run %s %s: %s", run_id, status, exc)
+
+    def close_abandoned_runs(self) -> list[str]:
+        """Mark KILLED the runs of this experiment left RUNNING by a process of this host that no
+        longer exists (a SIGKILLed driver, a machine that lost power); returns their ids.
+
+        Runs of live processes, or of other hosts (whose processes cannot be seen from here),
+        are left alone, so two drivers on one experiment never close each other's runs.
+        """
+        closed = []
+        host = socket.gethostname()
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            owner = run.data.tags.get(PROCESS_TAG, "")
+            if owner.split(":", 1)[0] == host and not process_alive(owner):
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                closed.append(run.info.run_id)
+                logger.info("closed run %s (%s) left RUNNING by %s, which is gone",
+                            run.info.run_id, run.data.tags.get("mlflow.runName", "?"), owner)
+        return closed
 
     def log_params(self, params: Mapping[str, Any], run_id: str | None = None) -> None:
         """Log params as strings. Values longer than PARAM_VALUE_LIMIT are cut, and the whole
@@ -225,3 +247,27 @@ class Tracker:
     def get_run(self, run_id: str | None = None) -> Any:
         """The MLflow Run entity (info, data.params, data.metrics, data.tags)."""
         return self.client.get_run(run_id or self.run_id)
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time in clock ticks since boot ("" when it does not exist), which
+    tells a process from a later one that reused its PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> str:
+    """host:pid:start time of this process (PROCESS_TAG's value)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_alive(owner: str) -> bool:
+    """Whether the process named by a PROCESS_TAG value (of this host) still runs."""
+    try:
+        _, pid, started = owner.split(":")
+        return not started or _start_time(int(pid)) == started  # no /proc: cannot judge
+    except ValueError:
+        return True  # not ours to judge

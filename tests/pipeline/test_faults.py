@@ -1,0 +1,230 @@
+"""Fault injection through the real `supsup` command: every probe ends in one named `error:` line,
+exit code 2 (130 for an interrupt), no traceback, and the registry and MLflow hold exactly what
+they held before (or exactly the tasks finished before the fault); no run is left RUNNING."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.registry import MaskRegistry
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+SUPSUP = str(Path(sys.executable).parent / "supsup")
+
+
+def _config(folder: Path, name: str = "probe", **sections: Any) -> Path:
+    data: dict[str, Any] = {
+        "name": name, "output_dir": str(folder / "runs"),
+        "network": {"name": "lenet", "num_outputs": 100},
+        "tasks": {"family": "permuted", "num_tasks": 4},
+        "train": {"steps": 20, "group_size": 2},
+        "evaluate": {"group_size": 2, "curve_points": 0, "max_batches": 2},
+        "registry": {"root": str(folder / "registry")},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _supsup(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.run([SUPSUP, *args], env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _state(folder: Path) -> dict[str, Any]:
+    """Every file under the folder with its hash, and every MLflow run's status and every model
+    version of each SQLite store in it."""
+    files = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".log"
+             and not p.name.endswith((".db", ".db-journal", ".lock"))}
+    runs: dict[str, Any] = {}
+    for db in sorted(folder.rglob("mlflow.db")):
+        with sqlite3.connect(db) as conn:
+            runs[str(db.relative_to(folder))] = {
+                "runs": sorted(conn.execute("select run_uuid, status from runs")),
+                "versions": sorted(conn.execute("select name, version from model_versions")),
+            }
+    return {"files": files, "mlflow": runs}
+
+
+def _one_error(done: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def _running(folder: Path) -> list[tuple[str, str]]:
+    out = []
+    for db in folder.rglob("mlflow.db"):
+        with sqlite3.connect(db) as conn:
+            out += conn.execute("select run_uuid, name from runs where status = 'RUNNING'")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bank of 4 tasks with model version 1, trained once by the real command."""
+    folder = tmp_path_factory.mktemp("faults")
+    done = _supsup("run", str(_config(folder)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize("options, named", [
+    (["train.lr=.inf"], "train.lr"),
+    (["train.momentum=.inf"], "train.momentum"),
+    (["train.epochs=.inf"], "train.epochs"),
+    (["tasks.degrees=.nan"], "tasks.degrees"),
+    (["tracking.model_name=a/b"], "tracking.model_name"),
+    (["train.steps=true"], "train.steps"),
+    (["tracking.alias=v2"], "tracking.alias"),
+    (["registry.bank=../up"], "registry.bank"),
+    (["name=.."], "name"),
+    (["train.lr=[1,"], "train.lr=[1,"),
+    (["train.lr=!!python/object/apply:os.system [\"touch /tmp/supsup-pwned\"]"], "train.lr"),
+    (["tasks.num_tasks=1000000000"], "memory"),
+    (["tracking.uri=http://127.0.0.1:9"], "http://127.0.0.1:9"),
+])
+def test_bad_values_are_refused_before_anything_is_written(
+        trained: Path, options: list[str], named: str) -> None:
+    before = _state(trained)
+    args = [a for o in options for a in ("--set", o)]
+    started = time.monotonic()
+    done = _supsup("train", str(trained / "probe.yaml"), *args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert named in _one_error(done)
+    assert time.monotonic() - started < 60  # seconds, not minutes of retries
+    assert _state(trained) == before
+    assert not (trained.parent / "mlflow.db").exists() and not Path("/tmp/supsup-pwned").exists()
+
+
+def test_targets_that_cannot_be_written_are_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for option in (f"registry.root={blocker}", f"registry.root={blocker}/sub",
+                   f"output_dir={blocker}"):
+        done = _supsup("train", str(_config(tmp_path)), "--set", option)
+        assert done.returncode == 2, (option, done.stderr[-2000:])
+        assert str(blocker) in _one_error(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "probe.yaml"]
+
+
+def test_a_non_finite_loss_stores_nothing_of_its_group(tmp_path: Path) -> None:
+    done = _supsup("train", str(_config(tmp_path, train={"lr": 1e38, "optimizer": "sgd",
+                                                          "log_every": 5})))
+    assert done.returncode == 2
+    error = _one_error(done)
+    assert "became non-finite at step" in error or "are not finite" in error
+    assert "retries" not in error and "Lower train.lr" in error
+    assert MaskRegistry(tmp_path / "registry").tasks("probe") == []
+    assert _running(tmp_path) == []
+
+
+def test_export_to_an_existing_file_and_foreign_files_are_named(trained: Path) -> None:
+    dest = trained / "exists.parquet"
+    dest.write_text("keep me")
+    done = _supsup("registry", "export", "probe", "--root", str(trained / "registry"),
+                   "--dest", str(dest))
+    assert done.returncode == 2 and str(dest) in _one_error(done)
+    assert dest.read_text() == "keep me"
+    stray = trained / "registry" / "probe" / "tasks" / "notes.txt"
+    stray.write_text("x")
+    try:
+        done = _supsup("registry", "verify", "probe", "--root", str(trained / "registry"))
+        assert done.returncode == 1
+        assert "not a file of this bank: tasks/notes.txt" in done.stdout
+        assert "temporary" not in done.stdout
+    finally:
+        stray.unlink()
+        dest.unlink()
+
+
+def test_a_full_disk_is_named_and_keeps_what_was_stored(tmp_path: Path) -> None:
+    """The registry on a 1 MiB tmpfs (its own mount namespace): the masks of 4 lenet tasks do
+    not fit, so writing fails partway with ENOSPC."""
+    small = tmp_path / "small"
+    small.mkdir()
+    config = _config(tmp_path, registry={"root": str(small / "registry")},
+                     tasks={"num_tasks": 40}, train={"group_size": 4})
+    script = f"mount -t tmpfs -o size=1m tmpfs {small} && exec {SUPSUP} train {config}"
+    full = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    full.pop("RAY_ADDRESS", None)
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=full,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = _one_error(done)
+    assert "No space left on device" in error or "no space left" in error, error
+    assert "retries were used up" not in error
+    assert _running(tmp_path) == []
+
+
+def _wait_for_tasks(root: Path, bank: str, proc: subprocess.Popen[bytes]) -> list[int]:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            stored = MaskRegistry(root).tasks(bank)
+        except KeyError:
+            stored = []
+        if stored:
+            return stored
+        time.sleep(0.2)
+    raise AssertionError("no task was stored before the deadline")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_an_interrupted_run_is_marked_killed_and_ray_is_shut_down(
+        tmp_path: Path, sig: int, code: int) -> None:
+    config = _config(tmp_path, tasks={"num_tasks": 12}, train={"steps": 200})
+    log = (tmp_path / "driver.log").open("wb")
+    proc = subprocess.Popen([SUPSUP, "train", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    stored = _wait_for_tasks(tmp_path / "registry", "probe", proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code
+    text = (tmp_path / "driver.log").read_text()
+    assert "error: interrupted" in text and "Traceback" not in text, text[-3000:]
+    with sqlite3.connect(tmp_path / "runs" / "probe" / "mlflow.db") as conn:
+        assert conn.execute("select status from runs").fetchall() == [("KILLED",)]
+    registry = MaskRegistry(tmp_path / "registry")
+    assert set(stored) <= set(registry.tasks("probe")) and registry.verify("probe").all_ok
+    time.sleep(2)
+    leftovers = subprocess.run(["pgrep", "-f", f"session.*{proc.pid}"], capture_output=True,
+                               text=True).stdout.split()
+    assert leftovers == []  # the local Ray the command started is gone with it
+
+
+def test_a_killed_driver_leaves_runs_that_the_rerun_closes(tmp_path: Path) -> None:
+    config = _config(tmp_path, tasks={"num_tasks": 12}, train={"steps": 200})
+    proc = subprocess.Popen([SUPSUP, "train", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    _wait_for_tasks(tmp_path / "registry", "probe", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(_running(tmp_path)) == 1  # what a SIGKILL leaves behind
+    done = _supsup("train", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _running(tmp_path) == []
+    with sqlite3.connect(tmp_path / "runs" / "probe" / "mlflow.db") as conn:
+        assert sorted(s for (s,) in conn.execute("select status from runs")) == [
+            "FINISHED", "KILLED"]
+    registry = MaskRegistry(tmp_path / "registry")
+    assert registry.tasks("probe") == list(range(12)) and registry.verify("probe").all_ok
