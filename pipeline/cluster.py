@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,6 +53,7 @@ def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator
 
     quiet_ray_env()
     owned = False
+    handler = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
         target = cluster_address(cluster, address)
         if target:
@@ -66,6 +69,10 @@ def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator
                 configure_logging=False,
             )
         owned = True
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            # Ray's core installs a crash handler for SIGTERM that aborts the process; keep the
+            # caller's, so a terminated job marks its runs and shuts Ray down like Ctrl-C.
+            signal.signal(signal.SIGTERM, handler)
     try:
         yield ray.cluster_resources()
     finally:

@@ -27,7 +27,7 @@ def fan_out(
     """Call `fn(*args(item))` remotely for each item, at most `max_in_flight` at once (all when
     None); `on_result(item, result)` runs on the driver as each call finishes.
 
-    RuntimeError naming `describe(item)` when a call fails; calls still running are cancelled.
+    RuntimeError naming `describe(item)` when a call fails.
     """
     import ray
 
@@ -35,22 +35,21 @@ def fan_out(
     queue = list(items)
     limit = max_in_flight or len(queue) or 1
     running: dict[Any, _T] = {}
-    try:
-        while queue or running:
-            while queue and len(running) < limit:
-                item = queue.pop(0)
-                running[remote.remote(*args(item))] = item
-            ready, _ = ray.wait(list(running), num_returns=1)
-            for ref in ready:
-                item = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    raise RuntimeError(_failure(describe(item), err, options)) from err
-                on_result(item, result)
-    finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
+    # Calls still running when this raises are not cancelled here: they end with the driver
+    # (Ray stops the tasks a driver owns when it disconnects), and forcing them while Ray shuts
+    # down can crash its core.
+    while queue or running:
+        while queue and len(running) < limit:
+            item = queue.pop(0)
+            running[remote.remote(*args(item))] = item
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            item = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                raise RuntimeError(_failure(describe(item), err, options)) from err
+            on_result(item, result)
 
 
 def _failure(what: str, err: Exception, options: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.bank_source import BankSource
 from pipeline.paths import resolve_tracking_uri
-from pipeline.registry import load_bank, read_manifest
+from pipeline.registry import BankMismatchError, load_bank, read_manifest
 from pipeline.registry.transfer import KEY_SNAPSHOT
 from pipeline.tracking.client import (
     as_text,
@@ -44,10 +44,10 @@ from pipeline.tracking.pyfunc import (
     MODEL_FORMAT,
     MODEL_JSON,
     MODEL_KIND,
-    SupSupModel,
     check_inference_defaults,
     code_paths,
     model_bank_source,
+    model_code_path,
     pip_requirements,
     read_model_json,
     signature,
@@ -213,12 +213,13 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
             shutil.copyfile(bank_file, copy)
             artifacts["bank"] = str(copy)
         # No input example: MLflow would load the model to check it, reading the whole bank a
-        # second time; the signature states the input already.
+        # second time; the signature states the input already. The model is its code file
+        # (models-from-code), so nothing is pickled into the artifact store.
         with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id), \
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             model_info = mlflow.pyfunc.log_model(
-                name="model", python_model=SupSupModel(), artifacts=artifacts,
+                name="model", python_model=model_code_path(), artifacts=artifacts,
                 signature=signature(spec, defaults),
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
             )
@@ -328,8 +329,19 @@ def model_source(model_uri: str, tracking_uri: str, download_dir: str | Path
                  ) -> tuple[dict[str, Any], BankSource]:
     """(lookup of the version, the BankSource it pins). Embedded masks are downloaded into
     `download_dir` and the source reads them there; otherwise it reads the mask registry, and
-    loading refuses if the registry no longer holds the registered content."""
+    loading refuses if the registry no longer holds the registered content.
+
+    BankMismatchError when the version's model.json names other content than its
+    `supsup.snapshot` tag: the tag lives in the tracking store, apart from the artifact store, so a
+    model.json and bank file swapped together in the artifact store are still refused here."""
     info = lookup(model_uri, tracking_uri)
+    registered = info["tags"].get(SNAPSHOT_TAG)
+    if registered is not None and registered != info["snapshot"]:
+        raise BankMismatchError(
+            f"{info['model_uri']}: its model.json names snapshot {info['snapshot'][:12]}, but the "
+            f"version was registered with snapshot {registered[:12]}; the model's artifacts were "
+            "replaced after registration, so it is refused (restore them, or delete the version "
+            "and register the bank again)")
     bank_file = None
     if info["embedded"]:
         uri = resolve_tracking_uri(tracking_uri)

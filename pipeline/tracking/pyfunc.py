@@ -5,6 +5,11 @@ named by the model's description (`model.json`: a BankSource, network, mask rule
 defaults) through `pipeline.registry.load_bank`, which checks the masks against the registered
 snapshot. `predict` infers each input's task from the gradient of the objective with respect to the
 superposition coefficients (Section 3.3), then classifies with the inferred task's mask.
+
+A model is logged as code, not as a pickle: MLflow stores `model_code.py` (which makes a fresh
+`SupSupModel`) and runs it at load time, with `supsup` and `pipeline` shipped beside it as source
+(`code_paths`); the model's data is `model.json` and, when embedded, the bank file. Loading a
+model therefore never unpickles anything, and what it computes is the reviewed source it carries.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ MODEL_FORMAT = 2
 MODEL_KIND = "supsup-mask-bank"
 MODEL_JSON = "model.json"
 BANK_FILE = "bank.parquet"
+MODEL_CODE = "model_code.py"  # MLflow copies it to the model's root under this name
 INFERENCE_DEFAULTS = {"method": "one_shot", "objective": "entropy", "mode": "batch"}
 _INFERENCE_CHOICES = {"method": METHODS, "objective": OBJECTIVES, "mode": MODES}
 _PER_EXAMPLE_ROWS = 64  # per_example inference keeps (rows, weights) gradients: bound the rows
@@ -84,8 +90,19 @@ def pip_requirements() -> list[str]:
             pin("pyarrow", pyarrow.__version__)]
 
 
+def model_code_path() -> str:
+    """The file MLflow logs as the model (models-from-code): it defines the model by running
+    `mlflow.models.set_model(SupSupModel())`, so no object is pickled into the artifact store
+    and nothing is unpickled when a version is loaded."""
+    return str(Path(__file__).with_name(MODEL_CODE))
+
+
 def code_paths() -> list[str]:
-    """supsup and pipeline travel with the model, so a bare environment can load it."""
+    """supsup and pipeline travel with the model, so a bare environment can load it.
+
+    MLflow puts the model's copy of them first on sys.path before it runs the model file, so
+    `model_code.py`'s import of `pipeline.tracking.pyfunc` finds them in a fresh process; a process
+    that already imported `pipeline` keeps using the modules it has."""
     import pipeline
     import supsup
 

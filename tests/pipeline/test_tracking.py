@@ -7,26 +7,42 @@ registered model infers can be checked, not only its type.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from pipeline.datasets import load_dataset
-from pipeline.registry import BankMismatchError, MaskRegistry, export_bank, load_bank
+from pipeline.registry import (
+    BankMismatchError,
+    MaskRegistry,
+    RegistryCorruptError,
+    export_bank,
+    import_file,
+    load_bank,
+)
 from pipeline.tracking import (
+    BANK_FILE,
+    MODEL_JSON,
     PARAM_VALUE_LIMIT,
     Registration,
     Tracker,
@@ -42,6 +58,7 @@ from supsup.train import TrainConfig, train_group
 
 MASK_INFO = {"rule": "threshold"}
 TASKS = [0, 1, 2]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -319,6 +336,197 @@ def test_a_version_means_the_same_masks_forever(
         load_bank_from_model("models:/growing-model@live", db)
     model = mlflow.pyfunc.load_model("models:/growing-model@grown")  # carries its own masks
     assert model.unwrap_python_model().bank.task_ids == [0, 1, 2, 3]
+
+
+# ------------------------------------------------- what a version stores; tampering with it
+def _model_dir(client: MlflowClient, name: str, version: int) -> Path:
+    """The folder of a version's logged model in the local artifact store (mlartifacts)."""
+    location = client.get_model_version_download_uri(name, str(version))
+    assert location.startswith("file://"), location
+    return Path(location.removeprefix("file://"))
+
+
+# Run with -S: site-packages is added by hand without its .pth files, so the project's editable
+# install is not importable and `pipeline` can only come from the code the model carries.
+_FRESH_LOAD = """
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+assert importlib.util.find_spec("pipeline") is None, "pipeline is importable before loading"
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[2])
+import pipeline
+batches = np.load(sys.argv[3])
+print(json.dumps({"pipeline": pipeline.__file__, "predictions": {
+    name: model.predict(batches[name]).to_dict(orient="list") for name in batches.files}}))
+"""
+
+
+def test_a_registered_model_is_code_not_a_pickle(tmp_path: Path, db: str, trained: dict,
+                                                 perm_models: dict) -> None:
+    """The version stores its model file and source, no pickle, and a fresh process with nothing
+    of the project installed loads it from that source and infers the right tasks."""
+    client = MlflowClient(db)
+    v1 = perm_models["v1"]
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("perm-model", str(v1)),
+        dst_path=str(tmp_path / "download"), tracking_uri=db))
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pickle")) or "pickle" in f], files
+    assert {"MLmodel", "model_code.py", f"artifacts/{MODEL_JSON}", f"artifacts/{BANK_FILE}",
+            "code/supsup/bank.py", "code/pipeline/tracking/pyfunc.py"} <= set(files)
+    assert ((local / "model_code.py").read_text()
+            == (REPO / "pipeline" / "tracking" / "model_code.py").read_text())
+    flavour = Model.load(str(local / "MLmodel")).flavors["python_function"]
+    assert flavour["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(flavour["model_code_path"]).name == "model_code.py"
+    assert "python_model" not in flavour and flavour["code"] == "code"
+
+    tasks: PermutedTasks = trained["tasks"]
+    batches = {str(t): _task_batch(tasks, t) for t in TASKS}
+    np.savez(tmp_path / "batches.npz", **{t: x for t, (x, _) in batches.items()})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "OMP_NUM_THREADS": "1",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}  # MLflow would refuse any pickle
+    env.pop("PYTHONPATH", None)
+    (tmp_path / "elsewhere").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", _FRESH_LOAD, sysconfig.get_paths()["purelib"],
+         f"models:/perm-model/{v1}", str(tmp_path / "batches.npz")],
+        cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    loaded_from = Path(out["pipeline"])
+    assert loaded_from.parts[-3:] == ("code", "pipeline", "__init__.py")
+    assert not loaded_from.is_relative_to(REPO)
+    for t, (_, y) in batches.items():
+        predicted = out["predictions"][t]
+        assert predicted["task_id"] == [int(t)] * len(y), f"batch of task {t}"
+        # as in test_registered_model_infers_the_right_task: ~77% after training, chance 10%
+        assert (np.array(predicted["class"]) == y).mean() > 0.6
+
+
+def _flip_data_byte(model_dir: Path, work: Path) -> None:
+    """Flip the last byte of the `data` column chunk: inside the compressed masks, past every
+    page header, so the file still opens and only its contents are wrong."""
+    bank_file = model_dir / "artifacts" / BANK_FILE
+    meta = pq.read_metadata(bank_file)
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    chunk = meta.row_group(0).column(names.index("data"))
+    raw = bytearray(bank_file.read_bytes())
+    raw[chunk.data_page_offset + chunk.total_compressed_size - 1] ^= 0xFF
+    bank_file.write_bytes(bytes(raw))
+
+
+def _rewrite_a_mask(model_dir: Path, work: Path) -> None:
+    """Invert one byte of the first mask and write the file back, footer (checksums, snapshot)
+    unchanged: a clean Parquet file whose masks are not the ones it records."""
+    bank_file = model_dir / "artifacts" / BANK_FILE
+    footer = {k: v for k, v in (pq.read_metadata(bank_file).metadata or {}).items()
+              if k.startswith(b"supsup.")}
+    table = pq.read_table(bank_file).replace_schema_metadata(footer)
+    data = table.column("data").to_pylist()
+    row = table.column("kind").to_pylist().index("mask")
+    data[row] = bytes([data[row][0] ^ 0xFF]) + data[row][1:]
+    index = table.schema.get_field_index("data")
+    table = table.set_column(index, table.schema.field(index), pa.array(data, pa.binary()))
+    pq.write_table(table, bank_file)
+
+
+def _swap_the_bank(model_dir: Path, work: Path) -> None:
+    """Replace the bank file by a valid export of the same bank whose task 1 holds task 2's
+    masks: every checksum inside agrees with the masks, only the snapshot is not the model's."""
+    bank_file = model_dir / "artifacts" / BANK_FILE
+    registry = MaskRegistry(work / "registry")
+    bank = import_file(registry, bank_file).bank
+    (work / "registry" / bank / "tasks" / "task-0000001.parquet").unlink()
+    other = registry.read_task(bank, 2)
+    registry.write_task(bank, 1, other.packed, other.bn_stats or None)
+    export_bank(registry, bank, bank_file, overwrite=True)
+
+
+def _edit_model_json(field: str) -> Callable[[Path, Path], None]:
+    def edit(model_dir: Path, work: Path) -> None:
+        path = model_dir / "artifacts" / MODEL_JSON
+        info = json.loads(path.read_text())
+        info["source"][field] = "f" * 64
+        path.write_text(json.dumps(info))
+
+    return edit
+
+
+@pytest.mark.parametrize("tamper, error, match", [
+    pytest.param(_flip_data_byte, RegistryCorruptError, r"bank\.parquet: .*damaged",
+                 id="flipped-byte"),
+    pytest.param(_rewrite_a_mask, RegistryCorruptError,
+                 r"bank\.parquet: checksum mismatch in the mask of layer", id="rewritten-mask"),
+    pytest.param(_swap_the_bank, BankMismatchError,
+                 r"bank 'perm' .*bank\.parquet: the masks there hash to \w+; .*refused",
+                 id="swapped-bank"),
+    pytest.param(_edit_model_json("snapshot_sha256"), BankMismatchError,
+                 r"snapshot ffffffffffff\) in the bank file .*refused", id="model-json-snapshot"),
+    pytest.param(_edit_model_json("manifest_sha256"), BankMismatchError,
+                 r"manifest there hashes to \w+, not ffffffffffff", id="model-json-manifest"),
+])
+def test_a_tampered_model_folder_refuses_to_load(
+        tmp_path: Path, db: str, perm_models: dict,
+        tamper: Callable[[Path, Path], None], error: type[Exception], match: str) -> None:
+    """A copy of the embedded version's folder, damaged or swapped, raises load_bank's error."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(_model_dir(MlflowClient(db), "perm-model", perm_models["v1"]), model_dir)
+    tamper(model_dir, tmp_path)
+    with pytest.raises(error, match=match):
+        mlflow.pyfunc.load_model(str(model_dir))
+
+
+class _Planted:
+    """Unpickling it opens (so creates) a file: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return open, (self.path, "w")
+
+
+def test_a_planted_pickle_is_never_run(tmp_path: Path, db: str, trained: dict,
+                                       perm_models: dict) -> None:
+    armed = pickle.dumps(_Planted(tmp_path / "control"))
+    pickle.loads(armed).close()  # the payload does run when unpickled
+    assert (tmp_path / "control").exists()
+    model_dir = tmp_path / "model"
+    shutil.copytree(_model_dir(MlflowClient(db), "perm-model", perm_models["v1"]), model_dir)
+    marker = tmp_path / "MARKER"
+    for name in ("python_model.pkl", f"artifacts/{BANK_FILE}.pkl"):
+        (model_dir / name).write_bytes(pickle.dumps(_Planted(marker)))
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    assert not marker.exists()
+    x, _ = _task_batch(trained["tasks"], 2)
+    assert (model.predict(x)["task_id"] == 2).all()
+
+
+def test_swapped_model_artifacts_are_refused_by_the_pipeline_loader(
+        tmp_path: Path, db: str, trained: dict, global_uri: str) -> None:
+    """model.json and bank file of version 2 copied over version 1's: each agrees with the other,
+    so only the version's snapshot tag, kept in the tracking store, tells."""
+    registry, bank = trained["registry"], trained["bank"]
+    tracker = Tracker(db, "swap")
+    (tmp_path / "embed").mkdir()
+    with tracker.run("train") as run_id:
+        full = _register(tracker, run_id, "swap-model", registry, bank, tmp_path / "embed", [])
+        part = _register(tracker, run_id, "swap-model", registry, bank, tmp_path / "embed", [],
+                         task_ids=[0, 1])
+    client = MlflowClient(db)
+    target = _model_dir(client, "swap-model", full.version) / "artifacts"
+    for name in (MODEL_JSON, BANK_FILE):
+        shutil.copyfile(_model_dir(client, "swap-model", part.version) / "artifacts" / name,
+                        target / name)
+    with pytest.raises(BankMismatchError, match=rf"models:/swap-model/{full.version}: its "
+                                                r"model.json names snapshot \w+, but the version "
+                                                r"was registered with snapshot \w+"):
+        load_bank_from_model(full.uri, db)
+    # mlflow.pyfunc.load_model sees the artifacts only: there the artifact store's writer is
+    # trusted (README, "Trust model"), and the swapped, self-consistent pair loads.
+    assert mlflow.pyfunc.load_model(full.uri).unwrap_python_model().bank.task_ids == [0, 1]
 
 
 def _register_in_process(db: str, root: str, barrier: Any, results: Any) -> None:
