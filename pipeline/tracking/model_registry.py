@@ -10,6 +10,7 @@ end on the lowest such version; the other is deleted. Versions are found by alia
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -224,13 +225,20 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
             )
             try:
-                client.create_registered_model(model_name)
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            mv = client.create_model_version(
-                model_name, model_info.model_uri, run_id=run_id, model_id=model_info.model_id,
-                tags=_version_tags(source, spec, bank_file is not None, tags))
+                try:
+                    client.create_registered_model(model_name)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                mv = client.create_model_version(
+                    model_name, model_info.model_uri, run_id=run_id,
+                    model_id=model_info.model_id,
+                    tags=_version_tags(source, spec, bank_file is not None, tags))
+            except BaseException:
+                # A logged model that no version holds is litter: remove it (best effort).
+                with contextlib.suppress(Exception):
+                    client.delete_logged_model(model_info.model_id)
+                raise
     if run_id in tracker.open_runs:  # leaving the resumed run marked it FINISHED; it goes on
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     logger.info("registered %s as models:/%s/%s", source.describe(), model_name, mv.version)
