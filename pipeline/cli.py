@@ -59,11 +59,14 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _tracker(config: Any) -> Any:
-    """The experiment's Tracker; runs that a killed earlier command left RUNNING are closed."""
+    """The experiment's Tracker, made only once the whole config and its targets check out
+    (nothing is written before); runs that a killed earlier command left RUNNING are closed."""
+    from pipeline.preflight import check_before_side_effects
     from pipeline.tracking import Tracker
 
+    check_before_side_effects(config)
+    tracker = Tracker(config.tracking_uri, config.experiment_name)  # checks the server answers
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(config.tracking_uri, config.experiment_name)
     tracker.close_abandoned_runs()
     return tracker
 

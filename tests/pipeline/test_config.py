@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -120,3 +122,186 @@ def test_reduced_scale_switch_and_command_line_wins() -> None:
 def test_every_shipped_config_loads_reduced(path: Path) -> None:
     config = load_config(path, ["scale=reduced"])
     assert config.scale == "reduced"
+
+
+# ------------------------------------------------------------ values that would be silently wrong
+PYTHON_TAG = 'train.lr=!!python/object/apply:os.system ["echo hi"]'
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lr=.inf", r"train\.lr: Input should be a finite number"),
+    ("train.lr=.nan", r"train\.lr: Input should be a finite number"),
+    ("train.lr=0", r"train\.lr: Input should be greater than 0"),
+    ("train.lr=true", r"train\.lr: .*not a boolean"),
+    ("train.momentum=.inf", r"train\.momentum: "),
+    ("train.momentum=1", r"train\.momentum: Input should be less than 1"),
+    ("train.momentum=-0.1", r"train\.momentum: "),
+    ("train.weight_decay=-1e-4", r"train\.weight_decay: "),
+    ("train.epochs=.inf", r"train\.epochs: Input should be a finite number"),
+    ("train.epochs=0", r"train\.epochs: "),
+    ("train.erdos_renyi_scale=-.inf", r"train\.erdos_renyi_scale: "),
+    ("train.steps=true", r"train\.steps: .*whole number, not a boolean"),
+    ("train.steps=1.5", r"train\.steps: Input should be a valid integer"),
+    ("train.steps='300'", r"train\.steps: Input should be a valid integer"),
+    ("train.batch_size=false", r"train\.batch_size: "),
+    ("train.group_size=0", r"train\.group_size: "),
+    ("tasks.num_tasks=.inf", r"tasks\.num_tasks: "),
+    ("tasks.degrees=.nan", r"tasks\.degrees: Input should be a finite number"),
+    ("tasks.degrees=-.inf", r"tasks\.degrees: "),
+    ("data.test_fraction=1", r"data\.test_fraction: "),
+    ("data.test_fraction=0", r"data\.test_fraction: "),
+    ("data.dataset=mnistt", r"data\.dataset: .*unknown data set 'mnistt'"),
+    ("network.hidden=[300, true]", r"network\.hidden\.1: "),
+    ("network.hidden=[300, 0]", r"network\.hidden\.1: "),
+    ("network.num_classes=101", r"network\.num_classes: 101 is above network\.num_outputs"),
+    ("seed=-1", r"seed: "),
+    ("seed=true", r"seed: "),
+    ("cluster.cpus_per_worker=.inf", r"cluster\.cpus_per_worker: "),
+    ("cluster.gpus_per_worker=.nan", r"cluster\.gpus_per_worker: "),
+    ("cluster.num_gpus=0.5", r"cluster\.num_gpus: .*whole number of GPUs"),
+    ("evaluate.max_batches=0", r"evaluate\.max_batches: "),
+    ("tracking.embed_masks_max_bytes=true", r"tracking\.embed_masks_max_bytes: "),
+    ("discovery.eps=.inf", r"discovery\.eps: "),
+    ("discovery.lr=.nan", r"discovery\.lr: "),
+    ("discovery.task_order=[0, -1]", r"discovery\.task_order\.1: "),
+    ("hopfield.gamma=.inf", r"hopfield\.gamma: "),
+    ("hopfield.momentum=1.5", r"hopfield\.momentum: "),
+    ("hopfield.train_momentum=1", r"hopfield\.train_momentum: "),
+    ("hopfield.capacity_flip=.nan", r"hopfield\.capacity_flip: "),
+    ("hopfield.epochs=.inf", r"hopfield\.epochs: "),
+    ("sweep={space: {train.lr: {uniform: [1.0e-4, .inf]}}}", r"sweep\.space\.train\.lr\.uniform"),
+    ("sweep={space: {train.lr: {grid: [0.1]}}, val_fraction: .nan}", r"sweep\.val_fraction: "),
+    ("sweep={space: {train.lr: {grid: [0.1]}}, scheduler: {type: asha, "
+     "reduction_factor: .inf}}", r"sweep\.scheduler\.reduction_factor: "),
+    ("sweep={space: {train.lr: {grid: [0.1]}}, tasks: [true]}", r"sweep\.tasks\.0: "),
+    ("name=..", r"name: .*'\.\.' cannot be the experiment name"),
+    ("name=.", r"name: "),
+    ("name=.hidden", r"name: "),
+    ("name=''", r"name: .*must not be empty"),
+    ("name=a/b", r"name: .*'/'"),
+    ("name=a\\b", r"name: "),
+    ("name=c:x", r"name: .*':'"),
+    ("name='a b'", r"name: "),
+    ("name=\"a\\tb\"", r"name: "),
+    ("name=\"a\\u200bb\"", r"name: "),  # a zero-width space: invisible in every listing
+    ("name=a@b", r"name: .*'@'"),
+    ("name=a+b", r"name: .*cannot be the bank name .*registry\.bank is unset"),
+    ("registry.bank=../x", r"registry\.bank: .*cannot be a bank name"),
+    ("registry.bank=.x", r"registry\.bank: "),
+    ("registry.bank=''", r"registry\.bank: "),
+    (f"registry.bank={'b' * 129}", r"registry\.bank: "),
+    ("tracking.model_name=a/b", r"tracking\.model_name: .*'/'"),
+    ("tracking.model_name=a@b", r"tracking\.model_name: .*'@'"),
+    ("tracking.model_name=a:b", r"tracking\.model_name: "),
+    ("tracking.model_name=..", r"tracking\.model_name: "),
+    ("tracking.model_name=''", r"tracking\.model_name: "),
+    ("tracking.experiment=a/b", r"tracking\.experiment: "),
+    ("tracking.experiment='my exp'", r"tracking\.experiment: "),
+    ("tracking.experiment=..", r"tracking\.experiment: "),
+    ("tracking.alias=v2", r"tracking\.alias: .*reserved"),
+    ("tracking.alias=V17", r"tracking\.alias: "),
+    ("tracking.alias=latest", r"tracking\.alias: .*reserved"),
+    ("tracking.alias=a.b", r"tracking\.alias: "),
+    ("tracking.alias=''", r"tracking\.alias: "),
+    (f"tracking.alias={'a' * 256}", r"tracking\.alias: "),
+    ("train.lr=[1,", r"exp\.yaml: override 'train\.lr=\[1,': the value is not valid YAML"),
+    (PYTHON_TAG, r"exp\.yaml: override 'train\.lr=!!python/object/apply:os\.system .*not valid "
+                 r"YAML .*constructor"),
+    ("=0.1", r"override '=0\.1': the key '' has an empty part"),
+    ("train..lr=0.1", r"override 'train\.\.lr=0\.1': the key 'train\.\.lr' has an empty part"),
+    ("train.=0.1", r"empty part"),
+])
+def test_bad_values_are_refused_naming_the_key(tmp_path: Path, override: str, named: str) -> None:
+    path = write(tmp_path, {"name": "x"})
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_config(path, [override])
+    assert "Traceback" not in str(caught.value)
+    assert str(caught.value).startswith(f"{path}: ")  # the file, then the key or the override
+
+
+def test_a_python_tag_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, {"name": "x"}),
+                    [f'train.lr=!!python/object/apply:os.system ["touch {marker}"]'])
+    assert not marker.exists()
+    bad = tmp_path / "tagged.yaml"
+    bad.write_text(f'train: {{lr: !!python/object/apply:os.system ["touch {marker}"]}}\n')
+    with pytest.raises(ConfigError, match=r"tagged\.yaml: not valid YAML"):
+        load_config(bad)
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00train")
+    with pytest.raises(ConfigError, match=r"binary\.yaml: cannot read"):
+        load_config(binary)
+
+
+def test_bad_values_in_the_file_name_key_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train: {lr: .inf, steps: true}\ntracking: {alias: v3}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = str(caught.value).splitlines()
+    assert any(re.match(rf"{re.escape(str(path))}: train\.lr: ", line) for line in lines)
+    assert any(re.match(rf"{re.escape(str(path))}: train\.steps: ", line) for line in lines)
+    assert any(re.match(rf"{re.escape(str(path))}: tracking\.alias: ", line) for line in lines)
+
+
+@pytest.mark.parametrize("degrees, num_tasks", [(90, 5), (360, 2), (0, 2), (-180, 3), (10, 37)])
+def test_rotations_that_repeat_a_task_are_refused(degrees: float, num_tasks: int) -> None:
+    raw = {"tasks": {"family": "rotated", "degrees": degrees, "num_tasks": num_tasks}}
+    with pytest.raises(ConfigError, match=r"tasks\.degrees: .* is task 0 again"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("overrides, check", [
+    (["train.steps=2.0"], lambda c: c.train.steps == 2 and isinstance(c.train.steps, int)),
+    (["train.steps=1.0e+3"], lambda c: c.train.steps == 1000),
+    (["train.steps=0"], lambda c: c.train.steps == 0),
+    (["train.lr=1e-3"], lambda c: c.train.lr == 1e-3),  # PyYAML reads 1e-3 as a string
+    (["train.lr=1.0e+38"], lambda c: c.train.lr == 1e38),  # huge, but finite
+    (["train.lr=5"], lambda c: c.train.lr == 5.0),
+    (["train.momentum=0"], lambda c: c.train.momentum == 0.0),
+    (["train.momentum=0.999"], lambda c: c.train.momentum == 0.999),
+    (["train.weight_decay=0"], lambda c: c.train.weight_decay == 0.0),
+    (["train.epochs=0.5"], lambda c: c.train.epochs == 0.5),
+    (["train.epochs=null"], lambda c: c.train.epochs is None),
+    (["train.rule=topk", "train.density=1"], lambda c: c.train.density == 1.0),
+    (["tasks.degrees=-7.5"], lambda c: c.tasks.degrees == -7.5),
+    (["tasks.family=rotated", "tasks.degrees=10", "tasks.num_tasks=36"],
+     lambda c: c.tasks.num_tasks == 36),
+    (["tasks.family=rotated", "tasks.degrees=0.1", "tasks.num_tasks=3600"],
+     lambda c: c.tasks.num_tasks == 3600),
+    (["tasks.family=rotated", "tasks.degrees=0", "tasks.num_tasks=1"],
+     lambda c: c.tasks.degrees == 0),
+    (["data.test_fraction=0.999"], lambda c: c.data.test_fraction == 0.999),
+    (["seed=9223372036854775807"], lambda c: c.seed == 2**63 - 1),
+    (["cluster.num_gpus=2.0"], lambda c: c.cluster.num_gpus == 2),
+    (["cluster.gpus_per_worker=0.25"], lambda c: c.cluster.gpus_per_worker == 0.25),
+    (["network.hidden=[256.0, 64]"], lambda c: c.network.hidden == [256, 64]),
+    (["network.num_classes=100"], lambda c: c.network.num_classes == 100),
+    (["name=pmnist250-lenet_v2.1"], lambda c: c.bank == "pmnist250-lenet_v2.1"),
+    (["name=exp+1", "registry.bank=exp1"], lambda c: c.name == "exp+1" and c.bank == "exp1"),
+    (["name=Ä-run", "registry.bank=a-run"], lambda c: c.run_dir.name == "Ä-run"),
+    ([f"registry.bank={'b' * 128}"], lambda c: len(c.bank) == 128),
+    (["tracking.model_name=My.Model-1", "tracking.experiment=exp_1"],
+     lambda c: c.model_name == "My.Model-1" and c.experiment_name == "exp_1"),
+    (["tracking.alias=v2-candidate"], lambda c: c.tracking.alias == "v2-candidate"),
+    (["tracking.alias=version_2"], lambda c: c.tracking.alias == "version_2"),
+    ([f"tracking.alias={'a' * 255}"], lambda c: len(c.tracking.alias) == 255),
+    (["train.lr='0.01'"], lambda c: c.train.lr == 0.01),
+])
+def test_good_edge_values_still_load(overrides: list[str], check: Any) -> None:
+    config = parse_config({"name": "x"}, "exp.yaml", overrides)
+    assert check(config)
+    assert parse_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_resolved_config_round_trips_through_strict_checks() -> None:
+    """Workers rebuild the config from model_dump(): strict ints and finite floats survive it."""
+    config = parse_config({"name": "x"}, overrides=["train.steps=2.0", "network.hidden=[8.0]"])
+    again = type(config).model_validate(config.model_dump())
+    assert again == config and isinstance(again.train.steps, int)
