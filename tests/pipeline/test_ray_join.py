@@ -45,8 +45,13 @@ def _config(folder: Path, name: str) -> Path:
 def _start_head(env: dict[str, str], log: Path, dashboard: bool) -> tuple[subprocess.Popen[bytes],
                                                                           str, int | None]:
     port = _free_port()
+    # Ports of its own for every agent: another Ray on this host (the test session's) holds
+    # the default ones, and a job needs its node's agent.
     args = [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}",
             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
             "--disable-usage-stats", "--block"]
     dash = None
     if dashboard:
@@ -94,6 +99,7 @@ def ray_env() -> Iterator[dict[str, Any]]:
            "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     try:
         yield {"env": env, "root": Path(root)}
     finally:
@@ -110,11 +116,11 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_env: dict[str, Any]
         work.mkdir()
         config = _config(tmp_path, "submitted")
         (work / "exp.yaml").write_text(config.read_text())
-        for _ in range(30):  # the job agent starts a little after the head answers
+        for _ in range(10):  # the job agent starts a little after the head answers
             done = subprocess.run(
                 [str(VENV_BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
                  f"--working-dir={work}", "--", "supsup", "run", "exp.yaml"],
-                env=env, capture_output=True, text=True, timeout=600)
+                env=env, capture_output=True, text=True, timeout=300)
             out = done.stdout + done.stderr
             if "No available agent to submit job" not in out:
                 break

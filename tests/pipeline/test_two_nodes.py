@@ -145,6 +145,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(Path.cwd())}
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # "0" would refuse a second node
         port = _free_port()
         common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats",
                   "--block"]
