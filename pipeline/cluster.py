@@ -124,14 +124,20 @@ def check_shared(root: str, probe: str, exists: Callable[[str, str], bool]) -> N
 def worker_slots(cluster: ClusterSection, resources: dict[str, Any]) -> int:
     """How many workers of the configured size fit in the cluster at once."""
     cpus = float(resources.get("CPU", 1))
-    slots = int(cpus // cluster.cpus_per_worker) or 1
+    slots = fits(cpus, cluster.cpus_per_worker) or 1
     if cluster.gpus_per_worker > 0:
         gpus = float(resources.get("GPU", 0))
-        if gpus < cluster.gpus_per_worker:
+        if fits(gpus, cluster.gpus_per_worker) < 1:
             raise ValueError(f"cluster.gpus_per_worker is {cluster.gpus_per_worker} but the "
-                             f"cluster has {gpus} GPUs; set it to 0 to train on CPUs")
-        slots = min(slots, int(gpus // cluster.gpus_per_worker))
+                             f"cluster has {gpus:g} GPUs; set it to 0 to train on CPUs")
+        slots = min(slots, fits(gpus, cluster.gpus_per_worker))
     return max(1, slots)
+
+
+def fits(total: float, per_worker: float) -> int:
+    """How many workers of `per_worker` fit in `total`, without float floor errors: in floats
+    1.0 // 0.2 is 4.0 (0.2 is a hair above 1/5), while Ray itself places 5 such workers."""
+    return int(total / per_worker + 1e-9)
 
 
 def remote_options(cluster: ClusterSection, max_retries: int) -> dict[str, Any]:

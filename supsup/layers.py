@@ -177,6 +177,13 @@ class TaskBatchNorm2d(_Bound):
         if stats is None:
             return F.batch_norm(x, None, None, training=True, eps=self.eps)
         mean, var = stats  # (C,) or (G, C): a view, so train-mode updates land in place
+        if mean.device != x.device:
+            if self.training:  # a copy would silently drop the running-statistics update
+                raise ValueError(f"{self.key}: BN statistics are on {mean.device}, the input on "
+                                 f"{x.device}; move the scores to the network's device")
+            # A bank kept on another device than the network (e.g. on the CPU while the network
+            # runs on a GPU) lends its per-task statistics for this call only.
+            mean, var = mean.to(x.device, non_blocking=True), var.to(x.device, non_blocking=True)
         return F.batch_norm(
             x, mean.reshape(-1), var.reshape(-1), training=self.training,
             momentum=self.momentum, eps=self.eps,

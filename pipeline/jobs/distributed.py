@@ -62,14 +62,27 @@ def data_parallel_steps(train: TrainConfig, train_size: int, world_size: int) ->
     return max(1, math.ceil(train.epochs * train_size / (train.batch_size * world_size)))
 
 
-def collective_backend(train: TrainSection, use_gpu: bool) -> str:
-    """torch.distributed backend: "auto" picks NCCL for GPU workers and gloo for CPU workers."""
+def collective_backend(train: TrainSection, gpus_per_worker: float) -> str:
+    """torch.distributed backend: "auto" picks NCCL for workers with a whole GPU each, gloo
+    otherwise.
+
+    NCCL refuses two ranks on one device ("Duplicate GPU detected"), and fractional
+    gpus_per_worker lets Ray pack ranks onto one GPU, so NCCL with a fraction is refused here,
+    before any worker starts.
+    """
+    whole = gpus_per_worker >= 1
     if train.backend == "auto":
-        return "nccl" if use_gpu else "gloo"
-    if train.backend == "nccl" and not use_gpu:
+        return "nccl" if whole else "gloo"
+    if train.backend == "nccl" and gpus_per_worker <= 0:
         raise ValueError("train.backend is 'nccl' but cluster.gpus_per_worker is 0: NCCL needs "
                          "GPU workers; set train.backend to 'gloo' or 'auto', or give each worker "
                          "a GPU")
+    if train.backend == "nccl" and not whole:
+        raise ValueError(
+            f"train.backend is 'nccl' with cluster.gpus_per_worker={gpus_per_worker}: Ray may "
+            "place several ranks on one GPU, and NCCL refuses two ranks on one device "
+            "('Duplicate GPU detected'); give each data-parallel worker a whole GPU "
+            "(gpus_per_worker: 1) or use train.backend: gloo (or auto)")
     return train.backend
 
 
@@ -261,7 +274,7 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
                          f"(0..{config.tasks.num_tasks - 1})")
     task_id = int(task_id)
     options = scaling_options(config)
-    backend = collective_backend(config.train, options["use_gpu"])
+    backend = collective_backend(config.train, config.cluster.gpus_per_worker)
     storage = (config.run_dir / "ray_train").expanduser().resolve()  # Ray Train wants it absolute
     name = f"{config.bank}-task-{task_id:07d}-{uuid.uuid4().hex[:8]}"
     with ray_session(config.cluster, address) as resources:

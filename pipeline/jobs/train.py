@@ -30,7 +30,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, RegistryConflictError
 from pipeline.registry.store import probe, probe_seen
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
     import torch
 
     from pipeline.config import ExperimentConfig
-    from supsup.masks import pack_bits
     from supsup.train import train_group
 
     config = ExperimentConfig.model_validate(config_data)
@@ -79,18 +78,35 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
     start = time.perf_counter()
     result = train_group(net, tasks, task_ids, config.train_config(), device=device)
     seconds = (time.perf_counter() - start) / len(task_ids)
+    stored = set(registry.tasks(config.bank))
     out = []
     for t in task_ids:
-        packed = {k: pack_bits(m).numpy() for k, m in result.masks[t].items()}
-        stats = {k: s.numpy() for k, s in result.bn_stats[t].items()} or None
         metrics = {
             "train_accuracy": result.accuracy[t], "train_loss": result.loss[t],
             "density": result.density[t], "seconds": seconds, "steps": result.task_steps[t],
         }
-        status = registry.write_task(config.bank, t, packed, stats,
-                                     metadata={**metrics, "node_id": node_id})
+        status = "kept" if t in stored else _store(registry, config.bank, t, result,
+                                                   {**metrics, "node_id": node_id})
         out.append({"task_id": t, "status": status, "node_id": node_id, **metrics})
     return out
+
+
+def _store(registry: MaskRegistry, bank: str, task_id: int, result: Any,
+           metadata: dict[str, Any]) -> str:
+    """Write one task unless it is stored already: "written", or "kept" for a stored one.
+
+    A retried or resumed group is trained whole again (a task's mask must not depend on how its
+    group ran), but only its missing tasks are written: where training is not bit-identical
+    (GPU kernels), the first stored mask stays and no conflict is raised.
+    """
+    from supsup.masks import pack_bits
+
+    packed = {k: pack_bits(m).numpy() for k, m in result.masks[task_id].items()}
+    stats = {k: s.numpy() for k, s in result.bn_stats[task_id].items()} or None
+    try:
+        return registry.write_task(bank, task_id, packed, stats, metadata=metadata)
+    except RegistryConflictError:  # another attempt stored it since the listing: it wins
+        return "kept"
 
 
 def _node_id() -> str:

@@ -67,10 +67,19 @@ def test_zero_workers_is_a_config_error() -> None:
 
 def test_backend_auto_picks_by_device(tmp_path: Path) -> None:
     train = make_config(tmp_path).train
-    assert collective_backend(train, use_gpu=False) == "gloo"
-    assert collective_backend(train, use_gpu=True) == "nccl"
+    assert collective_backend(train, 0) == "gloo"
+    assert collective_backend(train, 1) == "nccl"
+    assert collective_backend(train, 0.5) == "gloo"  # ranks may share a GPU: not NCCL
     gloo = make_config(tmp_path, backend="gloo").train
-    assert collective_backend(gloo, use_gpu=True) == "gloo"
+    assert collective_backend(gloo, 1) == "gloo"
+
+
+def test_nccl_with_fractional_gpus_is_refused_with_the_reason(tmp_path: Path) -> None:
+    nccl = make_config(tmp_path, backend="nccl").train
+    assert collective_backend(nccl, 2) == "nccl"
+    with pytest.raises(ValueError, match=r"gpus_per_worker=0\.5: .*Duplicate GPU detected.*"
+                                         r"whole GPU"):
+        collective_backend(nccl, 0.5)
 
 
 def test_nccl_needs_gpu_workers(tmp_path: Path) -> None:

@@ -57,6 +57,23 @@ def reference_masks(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[
     return reference(tmp, make_config(tmp))
 
 
+def test_a_retried_group_writes_only_the_tasks_not_stored_yet(
+        tmp_path: Path, reference_masks: dict[int, dict[str, bytes]]) -> None:
+    """As if a first attempt of group [0, 1, 2] had stored task 0 with other bits (GPU kernels
+    are not bit-identical) and died: the retry keeps it and writes only tasks 1 and 2."""
+    config = make_config(tmp_path)
+    registry, _ = prepare_bank(config)
+    rng = np.random.default_rng(7)
+    shapes = {k: len(v) for k, v in reference_masks[0].items()}
+    planted = {k: rng.integers(0, 256, n, dtype=np.uint8) for k, n in shapes.items()}
+    registry.write_task(config.bank, 0, planted)
+    results = train_group_worker(config.model_dump(), [0, 1, 2])
+    assert [r["status"] for r in results] == ["kept", "written", "written"]
+    stored = stored_bytes(registry, config.bank)
+    assert stored[0] == {k: v.tobytes() for k, v in planted.items()}  # the first one stays
+    assert stored[1] == reference_masks[1] and stored[2] == reference_masks[2]
+
+
 def test_parallel_groups_match_single_process(
     ray_local: None, tmp_path: Path, reference_masks: dict[int, dict[str, bytes]]
 ) -> None:

@@ -162,3 +162,21 @@ def test_batchnorm_without_binding_raises() -> None:
     bn = TaskBatchNorm2d(3)
     with pytest.raises(RuntimeError, match="use_task"):
         bn(torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_bank_serves_a_network_on_the_gpu() -> None:
+    """Masks and per-task BN statistics of a CPU bank follow the input to the GPU, and give the
+    CPU result (to float tolerance: the kernels differ)."""
+    from supsup.networks import build_network
+
+    net = build_network(name="conv", input_shape=(1, 28, 28), width=4, num_outputs=10).eval()
+    scores = TaskScores(net, [0, 1])
+    bank = _bank_from(net, scores)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with use_task(net, bank, 1), torch.no_grad():
+        expected = net(x)
+    net.cuda()
+    with use_task(net, bank, 1), torch.no_grad():
+        got = net(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

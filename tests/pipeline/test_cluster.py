@@ -1,0 +1,38 @@
+"""pipeline.cluster without a cluster: how many workers fit, and the options they get."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cluster import cluster_address, fits, remote_options, worker_slots
+from pipeline.config import ClusterSection
+
+
+@pytest.mark.parametrize("total, per, expected", [
+    (1.0, 0.2, 5), (1.0, 0.1, 10), (3.0, 0.3, 10), (2.0, 1.0, 2), (1.0, 0.3, 3), (0.5, 1.0, 0),
+])
+def test_fits_counts_workers_without_float_floor_errors(total: float, per: float,
+                                                        expected: int) -> None:
+    assert 1.0 // 0.2 == 4.0  # the float floor this avoids
+    assert fits(total, per) == expected
+
+
+def test_worker_slots_take_the_scarcer_resource() -> None:
+    cluster = ClusterSection(cpus_per_worker=1, gpus_per_worker=0.2)
+    assert worker_slots(cluster, {"CPU": 16, "GPU": 1}) == 5
+    assert worker_slots(ClusterSection(cpus_per_worker=4), {"CPU": 16}) == 4
+    with pytest.raises(ValueError, match="gpus_per_worker is 0.2 but the cluster has 0 GPUs"):
+        worker_slots(cluster, {"CPU": 16})
+    options = remote_options(cluster, 3)
+    assert options == {"num_cpus": 1, "num_gpus": 0.2, "max_retries": 3,
+                       "retry_exceptions": False}
+
+
+def test_the_address_comes_from_the_flag_the_config_or_ray_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address(ClusterSection()) is None  # a new local Ray
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address(ClusterSection()) == "10.0.0.1:6379"
+    assert cluster_address(ClusterSection(address="head:6379")) == "head:6379"
+    assert cluster_address(ClusterSection(address="head:6379"), "other:1") == "other:1"
