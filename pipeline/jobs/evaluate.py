@@ -23,6 +23,7 @@ from pipeline.bank_source import BankSource
 from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.registry import check_matches, load_bank, read_manifest
 from pipeline.registry.manifest import build_manifest
@@ -81,9 +82,10 @@ def evaluate_group_worker(
     torch.set_num_threads(worker_threads(config.cluster))
     if bank_file is not None:
         source = source.with_location(export=_local_copy(source, bank_file))
-    bank, spec = load_bank(source, cache=True)
+    device = worker_device(config.cluster)  # the GPU the worker holds, if it was given one
+    bank, spec = load_bank(source, device, cache=True)
     tasks = build_tasks(config)
-    net = build_net(spec)
+    net = build_net(spec).to(device)
     e = config.evaluate
     out = []
     for t in task_ids:
