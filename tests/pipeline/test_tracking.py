@@ -11,12 +11,9 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +52,7 @@ from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
 from supsup.tasks import PermutedTasks
 from supsup.train import TrainConfig, train_group
+from tests.pipeline.servers import mlflow_server
 
 MASK_INFO = {"rule": "threshold"}
 TASKS = [0, 1, 2]
@@ -602,49 +600,11 @@ def test_register_checks_its_inputs(tmp_path: Path, db: str, trained: dict) -> N
 
 
 # ---------------------------------------------------------------------- mlflow server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (one worker, no job runner), stopped by its PID."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up: "
-                                   f"{(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store (tests/pipeline/servers.py)."""
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path) as running:
+        yield running.url
 
 
 def test_through_a_real_mlflow_server(tmp_path: Path, server: str) -> None:
@@ -662,7 +622,7 @@ def test_through_a_real_mlflow_server(tmp_path: Path, server: str) -> None:
     run = client.get_run(run_id)
     assert run.data.params == {"train.steps": "10"} and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # the server stores them
-    assert (tmp_path / "server-artifacts").is_dir()
+    assert (tmp_path / "artifacts").is_dir()
     info = lookup("models:/served-model@prod", server)
     assert info["version"] == version and info["tasks"] == TASKS and info["embedded"]
     bank, spec = load_bank_from_model("models:/served-model@prod", server)
