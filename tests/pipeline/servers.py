@@ -179,12 +179,13 @@ class MlflowServer:
     log: Path
 
 
-def _stop_group(proc: subprocess.Popen[bytes], seconds: float = 15) -> None:
-    """SIGTERM to the process group the server leads, SIGKILL to what is left after `seconds`:
-    uvicorn's worker is a child of the `mlflow server` process."""
+def stop_group(proc: subprocess.Popen[bytes], seconds: float = 15,
+               first: int = signal.SIGTERM) -> None:
+    """`first` (SIGTERM) to the process group `proc` leads (started with start_new_session),
+    SIGKILL to what is left after `seconds`: servers and `ray start` have children."""
     pgid = proc.pid  # start_new_session: the group id is the leader's pid
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, first)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         proc.poll()
@@ -244,7 +245,7 @@ def mlflow_server(backend_store_uri: str, workdir: str | os.PathLike[str],
         wait_healthy(url, proc, log_path)
         yield MlflowServer(url, artifacts, proc.pid, log_path)
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 @contextlib.contextmanager

@@ -3,13 +3,10 @@ reached through pyarrow's S3 client, with first-writer-wins through conditional 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,10 +17,10 @@ from pipeline.registry import (
     import_file,
     load_bank,
 )
-from pipeline.registry.manifest import layer_shapes
 from supsup.masks import pack_bits
 from supsup.networks import build_network
 from supsup.scores import TaskScores
+from tests.pipeline.racing import assert_one_winner_each, race
 
 pytestmark = pytest.mark.cluster
 BUCKET = "supsup-registry"
@@ -83,45 +80,12 @@ def test_a_bank_round_trips_through_s3(s3: str, tmp_path: Path) -> None:
     assert local.source("b").snapshot_sha256 == source.snapshot_sha256
 
 
-def _racing_writer(root: str, which: int, barrier: Any, results: Any) -> None:
-    """Child process: for each raced task, write masks drawn from `which`; report the outcomes."""
-    registry = MaskRegistry(root)
-    shapes = layer_shapes(registry.manifest("b"))
-    rng = np.random.default_rng(which)
-    for task in RACED_TASKS:
-        packed = {k: rng.integers(0, 256, (int(np.prod(s)) + 7) // 8, dtype=np.uint8)
-                  for k, s in shapes.items()}
-        barrier.wait(timeout=60)
-        try:
-            status = registry.write_task("b", task, packed, metadata={"writer": which})
-        except RegistryConflictError as exc:
-            status = f"conflict: {exc}"
-        results.put((task, which, status))
-
-
 def test_two_writers_racing_on_s3_exactly_one_wins(s3: str) -> None:
     root = f"{s3}/race"
     net = build_network(name="lenet", num_outputs=100)
     MaskRegistry(root).create_bank("b", net.spec, net.layer_shapes(), {}, {"rule": "threshold"})
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_racing_writer, args=(root, w, barrier, results))
-             for w in (1, 2)]
-    for p in procs:
-        p.start()
-    outcomes: dict[int, dict[int, str]] = {t: {} for t in RACED_TASKS}
-    for _ in range(len(procs) * len(RACED_TASKS)):
-        task, which, status = results.get(timeout=180)
-        outcomes[task][which] = status
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outcomes = race(root, RACED_TASKS)
     registry = MaskRegistry(root)
     report = registry.verify("b")
     assert report.ok == list(RACED_TASKS) and not report.temporary and not report.foreign
-    for task, by_writer in outcomes.items():
-        winners = [w for w, s in by_writer.items() if s == "written"]
-        losers = [w for w, s in by_writer.items() if s.startswith("conflict")]
-        assert len(winners) == 1 and len(losers) == 1, (task, by_writer)
-        assert "the stored mask was kept" in by_writer[losers[0]]
-        assert registry.read_task("b", task).metadata == {"writer": winners[0]}
+    assert_one_winner_each(registry, outcomes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ import pytest
 import yaml
 
 from pipeline.registry import MaskRegistry
+from tests.pipeline.servers import free_port, stop_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(folder: Path, name: str) -> Path:
@@ -44,18 +38,18 @@ def _config(folder: Path, name: str) -> Path:
 
 def _start_head(env: dict[str, str], log: Path, dashboard: bool) -> tuple[subprocess.Popen[bytes],
                                                                           str, int | None]:
-    port = _free_port()
+    port = free_port()
     # Ports of its own for every agent: another Ray on this host (the test session's) holds
     # the default ones, and a job needs its node's agent.
     args = [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}",
             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
             "--disable-usage-stats", "--block"]
     dash = None
     if dashboard:
-        dash = _free_port()
+        dash = free_port()
         args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dash}"]
     else:
@@ -76,18 +70,6 @@ def _wait_for_head(env: dict[str, str], address: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"Ray head at {address} did not come up: {done.stderr[-2000:]}")
         time.sleep(1)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
@@ -129,7 +111,7 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_env: dict[str, Any]
         assert f"joining Ray cluster at {address}" in out  # RAY_ADDRESS, set by Ray for the job
         assert "task inference" in out
     finally:
-        _stop(head)
+        stop_group(head)
     assert MaskRegistry(tmp_path / "registry").tasks("submitted") == [0, 1]
     assert (tmp_path / "runs" / "submitted" / "evaluation" / "report.json").is_file()
 
@@ -147,7 +129,7 @@ def test_ray_address_joins_and_a_killed_head_is_not_joined_later(ray_env: dict[s
         assert joined.returncode == 0, joined.stderr[-4000:]
         assert f"joining Ray cluster at {address}" in joined.stderr
     finally:
-        _stop(head, signal.SIGKILL)  # killed: it cannot clean up after itself
+        stop_group(head, first=signal.SIGKILL)  # killed: it cannot clean up after itself
     left = list(ray_env["root"].glob("ray/ray_current_cluster"))
     assert left and address in left[0].read_text()  # the file that used to mislead ray.init
     alone = subprocess.run([str(VENV_BIN / "supsup"), "train", str(_config(tmp_path, "alone"))],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +24,10 @@ from pipeline.registry import (
     load_bank,
     row_checksum,
 )
-from pipeline.registry.manifest import layer_shapes
 from supsup.masks import pack_bits
 from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
+from tests.pipeline.racing import assert_one_winner_each, race
 
 MASK_INFO = {"rule": "threshold"}
 Packed = dict[str, np.ndarray]
@@ -408,49 +407,15 @@ def test_uri_roots(tmp_path: Path, lenet: tuple, scheme: str) -> None:
 RACED_TASKS = tuple(range(7, 31))  # many rounds: one lucky ordering cannot hide a race
 
 
-def _racing_writer(root: str, which: int, barrier: Any, results: Any) -> None:
-    """Child process: for each raced task, write masks drawn from `which`; report the outcomes."""
-    reg = MaskRegistry(root)
-    shapes = layer_shapes(reg.manifest("b"))
-    rng = np.random.default_rng(which)
-    for task in RACED_TASKS:
-        packed = {k: rng.integers(0, 256, (int(np.prod(s)) + 7) // 8, dtype=np.uint8)
-                  for k, s in shapes.items()}
-        barrier.wait(timeout=60)
-        try:
-            status = reg.write_task("b", task, packed, metadata={"writer": which})
-        except RegistryConflictError as exc:
-            status = f"conflict: {exc}"
-        results.put((task, which, status))
-
-
 def test_concurrent_writers_of_one_task_exactly_one_wins(tmp_path: Path, lenet: tuple) -> None:
     net, _ = lenet
     for n in net.layer_shapes().values():  # the child draws whole bytes: no padding bits
         assert np.prod(n) % 8 == 0
     _bank(tmp_path, net)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_racing_writer, args=(str(tmp_path), w, barrier, results))
-             for w in (1, 2)]
-    for p in procs:
-        p.start()
-    outcomes: dict[int, dict[int, str]] = {t: {} for t in RACED_TASKS}
-    for _ in range(len(procs) * len(RACED_TASKS)):
-        task, which, status = results.get(timeout=120)
-        outcomes[task][which] = status
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outcomes = race(str(tmp_path), RACED_TASKS)
     reg = MaskRegistry(tmp_path)
     report = reg.verify("b")
     assert report.ok == list(RACED_TASKS) and report.temporary == [] == report.foreign
-    for task, by_writer in outcomes.items():
-        winners = [w for w, s in by_writer.items() if s == "written"]
-        losers = [w for w, s in by_writer.items() if s.startswith("conflict")]
-        assert len(winners) == 1 and len(losers) == 1, (task, by_writer)
-        assert f"already holds task {task}" in by_writer[losers[0]]
-        assert "the stored mask was kept" in by_writer[losers[0]]
-        assert reg.read_task("b", task).metadata == {"writer": winners[0]}
+    assert_one_winner_each(reg, outcomes)
     assert sorted(os.listdir(tmp_path / "b" / "tasks")) == [
         f"task-{t:07d}.parquet" for t in RACED_TASKS]

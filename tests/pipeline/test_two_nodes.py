@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pipeline.config import load_config
 from pipeline.experiment import task_groups
 from pipeline.jobs.train import train_group_worker
 from pipeline.registry import MaskRegistry
+from tests.pipeline.servers import free_port, stop_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BUCKET = "supsup-cluster"
@@ -36,12 +36,6 @@ VENV_BIN = Path(sys.executable).parent
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Hosts:
@@ -87,14 +81,7 @@ class Hosts:
     def down(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                stop_group(proc, seconds=20)
         for ns in self.names.values():
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
@@ -146,7 +133,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(Path.cwd())}
         env.pop("RAY_ADDRESS", None)
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # "0" would refuse a second node
-        port = _free_port()
+        port = free_port()
         common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats",
                   "--block"]
         head_tmp = tempfile.mkdtemp(prefix="rta", dir="/tmp")  # socket paths must stay short
