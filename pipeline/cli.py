@@ -102,15 +102,20 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
             path = plot_training(summary.trained, config.run_dir / "training.png")
             if path:
                 tracker.log_artifact(path)
+        started = time.perf_counter()
+        summary.publication = publish_bank(config, tracker, run_id)
+        publish_seconds = time.perf_counter() - started
+        if summary.trained:
+            tracker.log_metrics({"publish_seconds": publish_seconds})
             # Only a run that trained writes the summary: a rerun that found everything stored
             # keeps the numbers of the run that did the work.
             _write_json(config.run_dir / "train_summary.json", {
                 "bank": config.bank, "tasks_trained": len(summary.trained),
                 "tasks_skipped": len(summary.skipped), "seconds": summary.seconds,
-                "tasks_per_hour": summary.tasks_per_hour, "run_id": run_id,
+                "tasks_per_hour": summary.tasks_per_hour, "publish_seconds": publish_seconds,
+                "run_id": run_id,
                 "tasks": {str(t): m for t, m in sorted(summary.trained.items())},
             })
-        summary.publication = publish_bank(config, tracker, run_id)
     reg = summary.publication.registration
     if reg is not None:
         summary.model_version = reg.version

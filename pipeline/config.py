@@ -189,6 +189,12 @@ class TrainSection(_Section):
     density: Float | None = None  # topk: fraction of weights kept, in (0, 1]
     erdos_renyi_scale: Float | None = Field(None, gt=0)  # topk: per-layer densities
     log_every: Int = Field(100, ge=1)
+    # bf16: matmuls in bfloat16 (scores and optimiser state stay float32); masks within 0.5
+    # points of fp32's accuracy, several times faster on CPUs with AVX-512 BF16 or AMX and GPUs
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # one compiled kernel per layer for the elementwise tail of a step (threshold rule only);
+    # compiled once per worker process, and run eagerly where compilation is unavailable
+    fused: bool = False
     group_size: Int = Field(10, ge=1)  # tasks trained together by one worker
     max_in_flight: Int | None = Field(None, ge=1)  # groups at once; default: worker slots
     max_retries: Int = Field(2, ge=0)  # per group, when a worker dies
@@ -208,6 +214,9 @@ class TrainSection(_Section):
         if self.rule == "topk" and self.density is None and self.erdos_renyi_scale is None:
             raise _field_error("density", "rule 'topk' needs train.density in (0, 1] or "
                                "train.erdos_renyi_scale")
+        if self.fused and self.rule != "threshold":
+            raise _field_error("fused", "train.fused builds masks by the threshold rule; set "
+                               "train.fused: false for rule 'topk'")
         return self
 
 
@@ -528,6 +537,7 @@ class ExperimentConfig(_Section):
             lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
             warmup_steps=t.warmup_steps, rule=t.rule, density=t.density,
             erdos_renyi_scale=t.erdos_renyi_scale, seed=self.seed, log_every=t.log_every,
+            precision=t.precision, fused=t.fused,
         )
 
     def mask_info(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Progress goes to a callback; the library never prints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from supsup.bank import MaskBank
 from supsup.binding import use_scores
+from supsup.fused import PRECISIONS, FusedStep, autocast
 from supsup.masks import RULES, check_density
 from supsup.networks import SupermaskNet
 from supsup.scores import TaskScores
@@ -48,6 +50,8 @@ class TrainConfig:
     erdos_renyi_scale: float | None = None  # topk rule with per-layer ER densities
     seed: int = 0  # batch order
     log_every: int = 100
+    precision: str = "fp32"  # "bf16": matmuls in bfloat16 (scores and optimiser stay float32)
+    fused: bool = False  # one compiled kernel per layer for the elementwise tail of a step
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -56,6 +60,11 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.rule not in RULES:
             raise ValueError(f"unknown mask rule {self.rule!r}; choose one of {RULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.fused and self.rule != "threshold":
+            raise ValueError("the fused step builds masks by the threshold rule; train topk "
+                             "masks with fused off")
         if self.rule == "topk" and self.erdos_renyi_scale is None:
             if self.density is None:
                 raise ValueError("the topk rule needs density in (0, 1] or erdos_renyi_scale")
@@ -105,6 +114,7 @@ class TrainResult:
     seconds: float
     history: list[TrainProgress] = field(default_factory=list)
     task_steps: dict[int, int] = field(default_factory=dict)
+    kernel: str = "eager"  # how the step's elementwise tail ran: "eager", "compiled", or why not
 
 
 def _optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
@@ -114,6 +124,41 @@ def _optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.O
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
+
+
+class _Stepper:
+    """One training step's optimiser half: torch.optim over the scores, or the fused step."""
+
+    def __init__(self, net: SupermaskNet, scores: TaskScores, config: TrainConfig) -> None:
+        self.scores = scores
+        self.fused = FusedStep(
+            net, scores, optimizer=config.optimizer, lr=config.lr, precision=config.precision,
+            momentum=config.momentum, weight_decay=config.weight_decay,
+        ) if config.fused else None
+        if self.fused is None:
+            self.opt = _optimizer(list(scores.parameters()), config)
+            self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+
+    @property
+    def kernel(self) -> str:
+        return self.fused.kernel if self.fused is not None else "eager"
+
+    def bind(self, net: SupermaskNet) -> contextlib.AbstractContextManager:
+        return use_scores(net, self.scores) if self.fused is None else self.fused.bind(net)
+
+    def zero_grad(self) -> None:
+        if self.fused is not None:
+            self.fused.zero_grad()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+
+    def step(self, lr_factor: float) -> None:
+        if self.fused is not None:
+            self.fused.step(lr_factor)
+            return
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * lr_factor
+        self.opt.step()
 
 
 def _lr_factor(step: int, steps: int, config: TrainConfig) -> float:
@@ -171,9 +216,7 @@ def train_group(
     elif scores.task_ids != task_ids:
         raise ValueError(f"scores hold tasks {scores.task_ids}, asked to train {task_ids}")
     scores.to(device)
-    params = list(scores.parameters())
-    opt = _optimizer(params, config)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    step_fn = _Stepper(net, scores, config)
     steps = own_steps[task_ids[0]]
     window_loss = torch.zeros(len(task_ids), device=device)
     window_correct = torch.zeros(len(task_ids), device=device)
@@ -184,19 +227,18 @@ def train_group(
     net.train()
     last: TrainProgress | None = None
     batches = tasks.train_batches(task_ids, config.batch_size, steps, seed=config.seed)
-    with use_scores(net, scores):
+    precision = autocast(device, config.precision)
+    with step_fn.bind(net):
         for step, (x, y) in enumerate(batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            factor = _lr_factor(step, steps, config)
-            for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = base * factor
-            logits = net(x)  # (G, B, outputs)
+            with precision:
+                logits = net(x)  # (G, B, outputs)
             per_task = F.cross_entropy(
-                logits.flatten(0, 1), y.flatten(), reduction="none"
+                logits.float().flatten(0, 1), y.flatten(), reduction="none"
             ).view(y.shape).mean(1)  # (G,)
-            opt.zero_grad(set_to_none=True)
+            step_fn.zero_grad()
             per_task.sum().backward()
-            opt.step()
+            step_fn.step(_lr_factor(step, steps, config))
             with torch.no_grad():
                 # The first step at which each task's loss went non-finite (-1: never), kept on
                 # the device and read only at log points, so no step waits for the host.
@@ -236,6 +278,7 @@ def train_group(
         seconds=time.perf_counter() - start,
         history=history,
         task_steps=dict(own_steps),
+        kernel=step_fn.kernel,
     )
 
 
@@ -277,6 +320,7 @@ def _merge(task_ids: list[int], parts: list[TrainResult]) -> TrainResult:
         loss=gather("loss"), accuracy=gather("accuracy"), density=gather("density"),
         steps=max(p.steps for p in parts), seconds=sum(p.seconds for p in parts),
         history=[h for p in parts for h in p.history], task_steps=gather("task_steps"),
+        kernel=parts[-1].kernel,
     )
 
 
