@@ -115,12 +115,14 @@ class TaskSet(ABC):
         """Turn base examples into the task's examples."""
 
     def train_batches(
-        self, task_ids: Sequence[int], batch_size: int, steps: int, seed: int = 0
+        self, task_ids: Sequence[int], batch_size: int, steps: int, seed: int = 0,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`steps` batches for a group: x (G, B, C, H, W), y (G, B).
 
         Each task reshuffles its own data every epoch with a generator keyed by (seed, task id),
-        so a task sees the same batches whichever group it is trained in.
+        so a task sees the same batches whichever group it is trained in. `dtype` (e.g. the
+        bfloat16 that bf16 matmuls would cast the inputs to anyway) gives x in that dtype.
         """
         if batch_size < 1 or steps < 0:
             raise ValueError(f"batch_size must be >= 1 and steps >= 0, got {batch_size}, {steps}")
@@ -128,13 +130,14 @@ class TaskSet(ABC):
         streams = [self._positions(t, batch_size, seed) for t in task_ids]
         for _ in range(steps):
             positions = torch.stack([next(s) for s in streams])  # (G, B)
-            yield self.get_group(task_ids, "train", positions)
+            yield self.get_group(task_ids, "train", positions, dtype)
 
-    def get_group(self, task_ids: Sequence[int], split: str,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_group(self, task_ids: Sequence[int], split: str, positions: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Examples of several tasks at once: positions (G, B) -> x (G, B, C, H, W), y (G, B)."""
         xs, ys = zip(*(self.get(t, split, p) for t, p in zip(task_ids, positions)))
-        return torch.stack(xs), torch.stack(ys)
+        x = torch.stack(xs)
+        return (x if dtype is None else x.to(dtype)), torch.stack(ys)
 
     def _positions(self, task_id: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         n = self.size(task_id, "train")
@@ -164,10 +167,20 @@ class PermutedTasks(TaskSet):
     def __init__(self, train: TensorData, test: TensorData, num_tasks: int, seed: int = 0) -> None:
         super().__init__(train, test, num_tasks, seed)
         self._perms: dict[int, torch.Tensor] = {}
+        self._converted: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @property
     def num_classes(self) -> int:
         return self.data["train"].num_labels
+
+    def _flat(self, split: str, dtype: torch.dtype | None) -> torch.Tensor:
+        x = self._split(split).x
+        if dtype is None or dtype == x.dtype:
+            return x.reshape(len(x), -1)
+        key = (split, dtype)
+        if key not in self._converted:
+            self._converted[key] = x.reshape(len(x), -1).to(dtype)
+        return self._converted[key]
 
     def permutation(self, task_id: int) -> torch.Tensor:
         if task_id not in self._perms:
@@ -180,12 +193,13 @@ class PermutedTasks(TaskSet):
         flat = x.reshape(x.shape[0], -1).index_select(1, self.permutation(task_id))
         return flat.reshape(x.shape), y
 
-    def get_group(self, task_ids: Sequence[int], split: str,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One gather for the whole group: every task indexes the same base tensor."""
+    def get_group(self, task_ids: Sequence[int], split: str, positions: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One gather for the whole group: every task indexes the same base tensor (kept
+        converted to `dtype` once, so a narrower dtype also halves the bytes gathered)."""
         data = self._split(split)
         g, b = positions.shape
-        flat = data.x.reshape(len(data), -1)[positions.reshape(-1)].view(g, b, -1)
+        flat = self._flat(split, dtype)[positions.reshape(-1)].view(g, b, -1)
         perms = torch.stack([self.permutation(self.check_task(t)) for t in task_ids])  # (G, D)
         x = torch.gather(flat, 2, perms.unsqueeze(1).expand(g, b, -1))
         return x.view(g, b, *self.input_shape), data.y[positions]

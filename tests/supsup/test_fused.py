@@ -98,11 +98,13 @@ def test_a_compiler_failure_runs_the_same_step_eagerly(monkeypatch: pytest.Monke
         assert torch.allclose(compiled.scores[p], fallback.scores[p], rtol=0, atol=SCORE_ATOL)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_fused_task_learns_the_same_mask_alone_or_in_a_group(precision: str) -> None:
+@pytest.mark.parametrize("net_name,precision", [("fc", "fp32"), ("fc", "bf16"), ("conv", "bf16")])
+def test_a_fused_task_learns_the_same_mask_alone_or_in_a_group(net_name: str,
+                                                               precision: str) -> None:
     """The group contract holds for the fused step in both precisions: each task's matmuls are
-    their own batch of the bmm, and the update kernel is elementwise."""
-    net, tasks = _setup()
+    their own batch of the bmm (or group of the convolution), the update kernel is elementwise,
+    and bf16 batches are the float32 ones rounded, whatever the group."""
+    net, tasks = _setup(net_name)
     config = TrainConfig(steps=25, batch_size=32, lr=1e-2, fused=True, precision=precision,
                          log_every=25)
     alone = train_group(net, tasks, [2], config)
