@@ -141,10 +141,18 @@ def fits(total: float, per_worker: float) -> int:
 
 
 def remote_options(cluster: ClusterSection, max_retries: int) -> dict[str, Any]:
-    """Ray task options: resources per worker and retries when a worker process dies."""
+    """Ray task options: resources per worker and retries when a worker process dies.
+
+    `max_calls=0` keeps worker processes alive across groups. Ray's default for GPU tasks is
+    one call per process, which would re-import torch, create a CUDA context and reload the
+    data, the network and (evaluating) the whole bank for every group; a long-lived worker
+    keeps them in its per-process caches (`pipeline.experiment.worker_tasks`, `worker_net`,
+    `pipeline.registry.load_bank(cache=True)`) and pays compilation once.
+    """
     return {
         "num_cpus": cluster.cpus_per_worker,
         "num_gpus": cluster.gpus_per_worker,
+        "max_calls": 0,
         "max_retries": max_retries,
         "retry_exceptions": False,
     }

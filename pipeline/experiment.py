@@ -69,6 +69,27 @@ def tracked_run(tracker: Any, name: str, tags: dict[str, str],
         yield run_id
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_tasks(config_json: str, device: str) -> TaskSet:
+    return build_tasks(ExperimentConfig.model_validate_json(config_json)).to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def worker_net(spec: NetworkSpec, device: str) -> SupermaskNet:
+    """The base network of `spec` on `device`, built once per worker process.
+
+    A network holds no task state (bindings are scoped to a `with` block), so a Ray worker that
+    runs many groups reuses one, as it reuses its data and, for evaluation, its bank."""
+    return build_net(spec).to(device)
+
+
+def worker_tasks(config: ExperimentConfig, device: str) -> TaskSet:
+    """The config's tasks with their base data on `device`, built once per worker process:
+    batches are then gathered and transformed on the device, with no host copy per step."""
+    key = config.model_dump_json(include={"seed", "data", "tasks"})
+    return _worker_tasks(key, device)
+
+
 def task_groups(task_ids: list[int], group_size: int) -> list[list[int]]:
     """Fixed consecutive groups: the same split on every run, so a resumed job trains each
     unfinished group exactly as an uninterrupted job would."""

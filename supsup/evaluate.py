@@ -71,6 +71,7 @@ def evaluate_task(
     for i, (x, y) in enumerate(tasks.eval_batches(task_id, split, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
+        y = y.cpu()  # labels compared on the host; x stays where the tasks keep their data
         pred = _predict(net, bank, task_id, x, tasks.num_classes)
         correct_gg += int((pred == y).sum())
         n += y.numel()
@@ -172,5 +173,5 @@ def scores_accuracy(
             pos = torch.arange(start, min(n, start + batch_size)).expand(len(ids), -1)
             x, y = tasks.get_group(ids, split, pos)
             logits = net(x.to(device))[..., : tasks.num_classes]
-            correct += (logits.argmax(-1).cpu() == y).float().sum(1)
+            correct += (logits.argmax(-1).cpu() == y.cpu()).float().sum(1)
     return (correct / n).tolist()

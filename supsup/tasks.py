@@ -77,6 +77,23 @@ class TaskSet(ABC):
         return tuple(self.data["train"].x.shape[1:])
 
     @property
+    def device(self) -> torch.device:
+        return self.data["train"].x.device
+
+    def to(self, device: torch.device | str) -> TaskSet:
+        """Keep the base data (and every per-task constant derived from it) on `device`, so
+        batches are gathered and transformed there; returns self, like `nn.Module.to`."""
+        device = torch.device(device)
+        if device != self.device:
+            self.data = {k: TensorData(d.x.to(device), d.y.to(device))
+                         for k, d in self.data.items()}
+            self._moved(device)
+        return self
+
+    def _moved(self, device: torch.device) -> None:  # noqa: B027 - most families derive none
+        """Subclasses move what they derived from the data."""
+
+    @property
     @abstractmethod
     def num_classes(self) -> int:
         """Labels per task (the first outputs of the network)."""
@@ -106,6 +123,7 @@ class TaskSet(ABC):
         task_id = self.check_task(task_id)
         data = self._split(split)
         idx = self.indices(task_id, split)
+        positions = positions.to(data.x.device)
         rows = positions if idx is None else idx[positions]
         return self.transform(task_id, data.x[rows], data.y[rows])
 
@@ -128,8 +146,10 @@ class TaskSet(ABC):
             raise ValueError(f"batch_size must be >= 1 and steps >= 0, got {batch_size}, {steps}")
         task_ids = [self.check_task(t) for t in task_ids]
         streams = [self._positions(t, batch_size, seed) for t in task_ids]
+        device = self.device
         for _ in range(steps):
-            positions = torch.stack([next(s) for s in streams])  # (G, B)
+            # Orders come from CPU generators (the same on every device); one small copy a step
+            positions = torch.stack([next(s) for s in streams]).to(device, non_blocking=True)
             yield self.get_group(task_ids, "train", positions, dtype)
 
     def get_group(self, task_ids: Sequence[int], split: str, positions: torch.Tensor,
@@ -156,7 +176,8 @@ class TaskSet(ABC):
         """The whole split of one task, in order: x (B, C, H, W), y (B,)."""
         n = self.size(task_id, split)
         for start in range(0, n, batch_size):
-            yield self.get(task_id, split, torch.arange(start, min(n, start + batch_size)))
+            yield self.get(task_id, split, torch.arange(start, min(n, start + batch_size),
+                                                        device=self.device))
 
 
 class PermutedTasks(TaskSet):
@@ -168,6 +189,7 @@ class PermutedTasks(TaskSet):
         super().__init__(train, test, num_tasks, seed)
         self._perms: dict[int, torch.Tensor] = {}
         self._converted: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._stacked: tuple[tuple[int, ...], torch.Tensor] = ((), torch.empty(0))
 
     @property
     def num_classes(self) -> int:
@@ -183,10 +205,26 @@ class PermutedTasks(TaskSet):
         return self._converted[key]
 
     def permutation(self, task_id: int) -> torch.Tensor:
+        """The task's permutation, drawn on the CPU (the same on every device), kept on the
+        data's device."""
         if task_id not in self._perms:
             g = torch.Generator().manual_seed(self.seed + task_id)
-            self._perms[task_id] = torch.randperm(math.prod(self.input_shape), generator=g)
+            perm = torch.randperm(math.prod(self.input_shape), generator=g)
+            self._perms[task_id] = perm.to(self.device)
         return self._perms[task_id]
+
+    def _group_permutations(self, task_ids: Sequence[int]) -> torch.Tensor:
+        """(G, D) permutations of a group, stacked once and reused by every step."""
+        key = tuple(task_ids)
+        if self._stacked[0] != key:
+            self._stacked = (key, torch.stack([self.permutation(self.check_task(t))
+                                               for t in task_ids]))
+        return self._stacked[1]
+
+    def _moved(self, device: torch.device) -> None:
+        self._perms = {t: p.to(device) for t, p in self._perms.items()}
+        self._converted = {}
+        self._stacked = ((), torch.empty(0))
 
     def transform(self, task_id: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
                                                                                  torch.Tensor]:
@@ -200,7 +238,7 @@ class PermutedTasks(TaskSet):
         data = self._split(split)
         g, b = positions.shape
         flat = self._flat(split, dtype)[positions.reshape(-1)].view(g, b, -1)
-        perms = torch.stack([self.permutation(self.check_task(t)) for t in task_ids])  # (G, D)
+        perms = self._group_permutations(task_ids)  # (G, D)
         x = torch.gather(flat, 2, perms.unsqueeze(1).expand(g, b, -1))
         return x.view(g, b, *self.input_shape), data.y[positions]
 
@@ -225,7 +263,8 @@ class RotatedTasks(TaskSet):
             return x, y
         theta = math.radians(task_id * self.degrees)
         c, s = math.cos(theta), math.sin(theta)
-        affine = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype).expand(x.shape[0], 2, 3)
+        affine = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype,
+                              device=x.device).expand(x.shape[0], 2, 3)
         grid = F.affine_grid(affine, list(x.shape), align_corners=False)
         # Rotate the raw image (background 0 in normalised units is not 0): shift, rotate, shift.
         background = x.amin(dim=(1, 2, 3), keepdim=True)
@@ -265,6 +304,9 @@ class SplitTasks(TaskSet):
     def indices(self, task_id: int, split: str) -> torch.Tensor:
         self._split(split)
         return self._idx[split][task_id]
+
+    def _moved(self, device: torch.device) -> None:
+        self._idx = {k: [i.to(device) for i in v] for k, v in self._idx.items()}
 
     def classes(self, task_id: int) -> list[int]:
         k = self.classes_per_task

@@ -12,13 +12,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """A real local Ray with this machine's 2 CPUs; jobs reuse it instead of starting their own."""
+    """A real local Ray with this machine's 2 CPUs; jobs reuse it instead of starting their own.
+
+    It also declares one GPU, a resource with no device behind it, so the scheduling of GPU
+    tasks (slots, worker reuse) is tested on machines without one; nothing runs CUDA on it."""
     import ray
 
     from pipeline.cluster import quiet_ray_env
 
     quiet_ray_env()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         yield
     finally:

@@ -22,7 +22,14 @@ from typing import Any
 from pipeline.bank_source import BankSource
 from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.experiment import (
+    build_net,
+    build_spec,
+    build_tasks,
+    task_groups,
+    worker_net,
+    worker_tasks,
+)
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.registry import check_matches, load_bank, read_manifest
@@ -84,8 +91,8 @@ def evaluate_group_worker(
         source = source.with_location(export=_local_copy(source, bank_file))
     device = worker_device(config.cluster)  # the GPU the worker holds, if it was given one
     bank, spec = load_bank(source, device, cache=True)
-    tasks = build_tasks(config)
-    net = build_net(spec).to(device)
+    tasks = worker_tasks(config, device)
+    net = worker_net(spec, device)
     e = config.evaluate
     out = []
     for t in task_ids:

@@ -27,7 +27,14 @@ from pipeline.cluster import (
     worker_threads,
 )
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_net, build_spec, build_tasks, task_groups
+from pipeline.experiment import (
+    build_net,
+    build_spec,
+    build_tasks,
+    task_groups,
+    worker_net,
+    worker_tasks,
+)
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.registry import MaskRegistry, RegistryConflictError
@@ -70,9 +77,8 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
     device = worker_device(config.cluster)
-    tasks = build_tasks(config)
-    spec = build_spec(config, tasks)
-    net = build_net(spec)
+    tasks = worker_tasks(config, device)
+    net = worker_net(build_spec(config, tasks), device)
     registry = MaskRegistry(config.registry.root)
     node_id = _node_id()
     start = time.perf_counter()

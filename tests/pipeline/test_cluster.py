@@ -24,8 +24,26 @@ def test_worker_slots_take_the_scarcer_resource() -> None:
     with pytest.raises(ValueError, match="gpus_per_worker is 0.2 but the cluster has 0 GPUs"):
         worker_slots(cluster, {"CPU": 16})
     options = remote_options(cluster, 3)
-    assert options == {"num_cpus": 1, "num_gpus": 0.2, "max_retries": 3,
+    assert options == {"num_cpus": 1, "num_gpus": 0.2, "max_calls": 0, "max_retries": 3,
                        "retry_exceptions": False}
+
+
+def test_gpu_workers_live_across_groups(ray_local: None) -> None:
+    """Ray ends a GPU task's process after one call unless told otherwise; the job's options keep
+    it, so torch, the data, the network and the bank are loaded once per worker, not per group."""
+    import ray
+
+    def _pid() -> int:  # defined here so Ray ships it by value to its workers
+        import os
+
+        return os.getpid()
+
+    options = remote_options(ClusterSection(cpus_per_worker=1, gpus_per_worker=1), 0)
+    reused = ray.remote(**options)(_pid)
+    pids = {ray.get(reused.remote()) for _ in range(3)}
+    assert len(pids) == 1
+    ray_default = ray.remote(num_cpus=1, num_gpus=1)(_pid)  # the control: one call per process
+    assert len({ray.get(ray_default.remote()) for _ in range(3)}) == 3
 
 
 def test_the_address_comes_from_the_flag_the_config_or_ray_address(

@@ -223,3 +223,48 @@ def test_split_data_is_a_fixed_disjoint_shuffle() -> None:
     assert torch.equal(again.x, test.x)
     with pytest.raises(ValueError, match="test_fraction must be in"):
         split_data(data, 1.0, seed=0)
+
+
+# ------------------------------------------------------------------------------- devices
+def _on_8x8(kind: str) -> TaskSet:
+    x, y = torch.randn(64, 1, 8, 8), torch.arange(64) % 4
+    options = {"split": {"classes_per_task": 2}}.get(kind, {})
+    return make_tasks(kind, TensorData(x, y), TensorData(x, y), 2, 0, **options)
+
+
+@pytest.mark.parametrize("kind", ["permuted", "rotated", "split"])
+def test_tasks_moved_to_a_device_build_every_batch_and_constant_there(kind: str) -> None:
+    """`meta` stands in for an accelerator on a CPU-only machine: every tensor a family derives
+    (permutations, their group stack, class indices) and every batch it yields must live on the
+    data's device, or a GPU worker would copy per step or fail on mixed devices."""
+    tasks = _on_8x8(kind)
+    assert tasks.to("cpu") is tasks and tasks.device.type == "cpu"
+    tasks.to("meta")
+    x, y = next(tasks.train_batches([0, 1], 8, 1))
+    assert (x.device.type, y.device.type, tuple(x.shape)) == ("meta", "meta", (2, 8, 1, 8, 8))
+    x, _ = next(tasks.eval_batches(1, "test", 8))
+    assert x.device.type == "meta"
+    if isinstance(tasks, PermutedTasks):
+        assert tasks.permutation(1).device.type == "meta"
+        assert tasks._group_permutations([0, 1]).device.type == "meta"
+        x16, _ = next(tasks.train_batches([0], 8, 1, dtype=torch.bfloat16))
+        assert x16.dtype == torch.bfloat16 and x16.device.type == "meta"
+    if isinstance(tasks, SplitTasks):
+        assert {i.device.type for v in tasks._idx.values() for i in v} == {"meta"}
+
+
+def test_bf16_batches_are_the_float32_batches_rounded() -> None:
+    tasks = _on_8x8("permuted")
+    for (x32, y32), (x16, y16) in zip(tasks.train_batches([0, 1], 8, 3, seed=4),
+                                      tasks.train_batches([0, 1], 8, 3, seed=4,
+                                                          dtype=torch.bfloat16)):
+        assert torch.equal(x32.to(torch.bfloat16), x16) and torch.equal(y32, y16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["permuted", "rotated", "split"])
+def test_tasks_on_cuda_give_the_cpu_batches(kind: str) -> None:
+    cpu, gpu = _on_8x8(kind), _on_8x8(kind).to("cuda")
+    for (xc, yc), (xg, yg) in zip(cpu.train_batches([0, 1], 8, 3), gpu.train_batches([0, 1], 8, 3)):
+        assert xg.is_cuda and yg.is_cuda
+        assert torch.allclose(xc, xg.cpu(), atol=1e-5) and torch.equal(yc, yg.cpu())
