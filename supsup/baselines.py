@@ -351,7 +351,8 @@ def _train_task(net: BaselineNet, tasks: TaskSet, task_id: int, config: TrainCon
     opt = _optimizer(params, config)
     base_lrs = [g["lr"] for g in opt.param_groups]
     steps = config.num_steps(tasks.size(task_id, "train"))
-    window_loss = window_correct = 0.0
+    window_loss = torch.zeros((), device=device)
+    window_correct = torch.zeros((), device=device)
     window_n = 0
     last: TrainProgress | None = None
     start = time.perf_counter()
@@ -367,14 +368,16 @@ def _train_task(net: BaselineNet, tasks: TaskSet, task_id: int, config: TrainCon
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        window_loss += float(loss.detach())
-        window_correct += float((logits[:, : tasks.num_classes].argmax(-1) == y).float().mean())
+        with torch.no_grad():  # summed on the device, read at log points: no sync per step
+            window_loss += loss.detach()
+            window_correct += (logits[:, : tasks.num_classes].argmax(-1) == y).float().mean()
         window_n += 1
         if (step + 1) % config.log_every == 0 or step + 1 == steps:
-            last = TrainProgress([task_id], step + 1, steps, [window_loss / window_n],
-                                 [window_correct / window_n], time.perf_counter() - start)
+            last = TrainProgress([task_id], step + 1, steps, [float(window_loss) / window_n],
+                                 [float(window_correct) / window_n], time.perf_counter() - start)
             result.history.append(last)
-            window_loss = window_correct = 0.0
+            window_loss = torch.zeros((), device=device)
+            window_correct = torch.zeros((), device=device)
             window_n = 0
             if callback is not None:
                 callback(last)

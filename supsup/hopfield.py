@@ -197,20 +197,23 @@ def train_gates(
     size = tasks.size(task_id, "train")
     steps = max(1, math.ceil(config.epochs * size / config.batch_size))
     window = max(1, size // config.batch_size)
-    losses: list[float] = []
-    hits: list[float] = []
-    for x, y in tasks.train_batches([task_id], config.batch_size, steps, seed=config.seed):
+    # Per-step values stay on the device and are read once at the end: no sync per step.
+    losses = torch.zeros(steps, device=device)
+    hits = torch.zeros(steps, device=device)
+    for i, (x, y) in enumerate(tasks.train_batches([task_id], config.batch_size, steps,
+                                                   seed=config.seed)):
         x, y = x[0].to(device), y[0].to(device)
         logits = net(x, [threshold_mask(s) for s in scores])
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
-        hits.append(float((logits[:, : tasks.num_classes].argmax(-1) == y).float().mean()))
+        with torch.no_grad():
+            losses[i] = loss.detach()
+            hits[i] = (logits[:, : tasks.num_classes].argmax(-1) == y).float().mean()
     gates = [(s.detach() >= 0).float().cpu() for s in scores]
-    return GateResult(task_id, gates, steps, sum(losses[-window:]) / len(losses[-window:]),
-                      sum(hits[-window:]) / len(hits[-window:]))
+    return GateResult(task_id, gates, steps, float(losses[-window:].mean()),
+                      float(hits[-window:].mean()))
 
 
 def gated_accuracy(
