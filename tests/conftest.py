@@ -14,15 +14,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 def ray_local() -> Iterator[None]:
     """A real local Ray with this machine's 2 CPUs; jobs reuse it instead of starting their own.
 
-    It also declares one GPU, a resource with no device behind it, so the scheduling of GPU
-    tasks (slots, worker reuse) is tested on machines without one; nothing runs CUDA on it."""
+    It declares the machine's GPUs, or one GPU with no device behind it where there are none, so
+    the scheduling of GPU tasks (slots, worker reuse) is tested on machines without one too."""
     import ray
+    import torch
 
     from pipeline.cluster import quiet_ray_env
 
     quiet_ray_env()
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(num_cpus=2, num_gpus=torch.cuda.device_count() or 1, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:
