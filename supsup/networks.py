@@ -159,6 +159,15 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.main(x) + self.shortcut(x))
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1) by a mean: the values of AdaptiveAvgPool2d(1), with a
+    backward pass that is a broadcast. CUDA's adaptive pooling backward adds with atomics, so its
+    gradients (and the masks trained through it) could differ from run to run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
 def _resnet18(spec: NetworkSpec) -> nn.Module:
     """ResNet-18 for 32x32 inputs with `width` base channels (the paper's 20 for SplitCIFAR100)."""
     width = spec.width or 20
@@ -171,7 +180,7 @@ def _resnet18(spec: NetworkSpec) -> nn.Module:
             layers[f"layer{stage + 1}_{block}"] = _BasicBlock(
                 c_in, c_out, 2 if stage > 0 and block == 0 else 1)
             c_in = c_out
-    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+    layers.update(pool=GlobalAvgPool(), flatten=nn.Flatten(),
                   fc=MaskedLinear(c_in, spec.num_outputs))
     return nn.Sequential(OrderedDict(layers))
 
@@ -182,7 +191,9 @@ def _resnet50(spec: NetworkSpec) -> nn.Module:
 
     from supsup.convert import convert_modules
 
-    return convert_modules(resnet50(weights=None, num_classes=spec.num_outputs))
+    body = resnet50(weights=None, num_classes=spec.num_outputs)
+    body.avgpool = GlobalAvgPool()  # deterministic backward on GPUs (see GlobalAvgPool)
+    return convert_modules(body)
 
 
 NETWORKS: dict[str, Callable[[NetworkSpec], nn.Module]] = {

@@ -180,3 +180,14 @@ def test_spec_dict_round_trip() -> None:
 def test_spec_from_dict_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match=r"unknown network spec fields \['depth'\]"):
         NetworkSpec.from_dict({"name": "lenet", "depth": 3})
+
+
+def test_global_pooling_is_adaptive_pooling_without_atomics() -> None:
+    """Same values as AdaptiveAvgPool2d(1); resnets use it so GPU backward passes are exact."""
+    from supsup.networks import GlobalAvgPool
+
+    x = torch.randn(3, 5, 7, 6)
+    assert torch.allclose(GlobalAvgPool()(x), torch.nn.AdaptiveAvgPool2d(1)(x), atol=1e-6)
+    net = build_network(name="resnet18", num_outputs=10, input_shape=(3, 32, 32), width=4)
+    kinds = {type(m).__name__ for m in net.modules()}
+    assert "GlobalAvgPool" in kinds and "AdaptiveAvgPool2d" not in kinds
