@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import supsup.bank
-from supsup.bank import MaskBank
+from supsup.bank import KernelPlan, MaskBank
 from supsup.masks import pack_bits, packed_size
 
 # Sizes that are not multiples of 8 (91, 135, 2745), one that is (64), and a conv shape.
@@ -93,14 +93,22 @@ def test_mixture_random_alphas_and_subsets(key: str) -> None:
     )
 
 
-@pytest.mark.parametrize("block_elements", [1 << 22, 4096])
+# The default plan, and integer / float32 plans with blocks small enough that fc2 (344 bytes) and
+# 300 rows span several row and column blocks.
+PLANS = {
+    "default": None,
+    "integer-small-blocks": KernelPlan(True, 1024, 1024, 64, 0, 64),
+    "float-small-blocks": KernelPlan(False, 1024, 1024, 64, 0, 0),
+}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("key", sorted(SHAPES))
 def test_alpha_gradient_equals_float_stack_product(
-    key: str, block_elements: int, monkeypatch: pytest.MonkeyPatch
+    key: str, plan: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 4096 forces several byte blocks in alpha_gradient (fc2 has 344 bytes, blocks of 256)
-    # and one row per step in mixture.
-    monkeypatch.setattr(supsup.bank, "_BLOCK_ELEMENTS", block_elements)
+    if PLANS[plan] is not None:
+        monkeypatch.setattr(supsup.bank, "kernel_plan", lambda device: PLANS[plan])
     num_tasks = 300
     masks = _random_masks(num_tasks, seed=2)
     task_ids = [3 * i + 1 for i in range(num_tasks)]
