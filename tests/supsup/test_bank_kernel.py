@@ -15,9 +15,10 @@ import math
 import pytest
 import torch
 
-import supsup.bank
-from supsup.bank import KernelPlan, MaskBank, kernel_plan, rows_dot, weighted_rows
+import supsup.packed
+from supsup.bank import MaskBank
 from supsup.masks import pack_bits, packed_size, unpack_bits
+from supsup.packed import KernelPlan, kernel_plan, rows_dot, weighted_rows
 
 TOL = 2.0**-20  # ~1e-6
 
@@ -123,7 +124,7 @@ def test_digits_reconstruct_every_integer_exactly() -> None:
     q = torch.cat([torch.tensor([0, 1, -1, 127, 128, -128, -129, 2**23, -(2**23), 2**30,
                                  -(2**30), 2**30 - 1, 255 * 65793]),
                    torch.randint(-(2**30), 2**30 + 1, (10_000,))]).double()
-    digits = supsup.bank._digits(q)
+    digits = supsup.packed._digits(q)
     assert digits.dtype == torch.int8 and digits.shape == (4, q.numel())
     weights = torch.tensor([[256**d] for d in range(4)], dtype=torch.int64)
     assert torch.equal((digits.long() * weights).sum(0), q.long())
@@ -174,7 +175,7 @@ def test_cpu_plan_is_integer_where_int_mm_works_and_can_be_forced_to_float(
 ) -> None:
     cpu = torch.device("cpu")
     plan = kernel_plan(cpu)
-    assert plan.integer == supsup.bank._integer_kernel_works(cpu)
+    assert plan.integer == supsup.packed._integer_kernel_works(cpu)
     assert plan.block_bytes >= plan.float_block_bytes > 0 and plan.integer_min_rows > 0
     monkeypatch.setenv("SUPSUP_BANK_KERNEL", "float")
     kernel_plan.cache_clear()
@@ -192,9 +193,9 @@ def test_planes_follow_pack_bits_order() -> None:
     masks = (torch.rand(5, 21, generator=torch.Generator().manual_seed(9)) < 0.5).double()
     packed = pack_bits(masks, group_dims=1)
     plan = KernelPlan(True, 1 << 20, 1 << 20, 16, 0, 1)
-    ((r0, r1, c0, c1, planes),) = list(supsup.bank._plane_blocks(packed, None, plan))
+    ((r0, r1, c0, c1, planes),) = list(supsup.packed._plane_blocks(packed, None, plan))
     assert (r0, r1, c0, c1) == (0, 5, 0, 3)
-    values = torch.tensor(supsup.bank._PLANE_VALUE, dtype=torch.float64).reshape(1, 8, 1)
+    values = torch.tensor(supsup.packed._PLANE_VALUE, dtype=torch.float64).reshape(1, 8, 1)
     bits = (planes.double().reshape(5, 8, 3) / values).transpose(1, 2).reshape(5, 24)
     assert torch.equal(bits[:, :21], masks) and not bits[:, 21:].any()
     assert torch.equal(unpack_bits(packed, 21, torch.float64), masks)
