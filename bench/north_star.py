@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     peaks[pid] = (role(pid, child.pid, got[0]), got[1])
             if time.perf_counter() - last_note > 60:
                 last_note = time.perf_counter()
-                print(f"{(last_note - start) / 60:.0f} min: {_last_line(log_path)}", flush=True)
+                stored = sum(1 for _ in (run_dir / "registry").glob("*/tasks/task-*.parquet"))
+                print(f"{(last_note - start) / 60:.0f} min: {stored} tasks stored; "
+                      f"{_last_line(log_path)}", flush=True)
             time.sleep(args.every)
     wall = time.perf_counter() - start
     if child.returncode != 0:

@@ -88,8 +88,14 @@ def alpha_gradients(
     backward and, per layer, one product of the packed bank rows with dObj/dmixture.
     """
     k = rows.numel()
-    alphas = torch.full((k,), 1.0 / k)
     device = next(iter(net.masked_layers().values())).weight.device
+    if bank.device.type != device.type:
+        # The products over every stored mask run where the bank is: a CPU bank would silently
+        # do the heavy half of GPU inference on the host, with a copy per layer each way.
+        raise ValueError(
+            f"the bank is on {bank.device} and the network on {device}: keep both on one "
+            f"device (bank.to({str(device)!r}) or net.to({str(bank.device)!r}))")
+    alphas = torch.full((k,), 1.0 / k, device=bank.device)
     mixtures = {
         key: bank.mixture(key, rows, alphas).to(device).requires_grad_(True)
         for key in net.layer_shapes()

@@ -291,3 +291,27 @@ def test_g_needs_superfluous_outputs() -> None:
     bank = _random_bank(net, [0, 1])
     with pytest.raises(ValueError, match="use objective 'entropy'"):
         infer_task(net, bank, torch.zeros(2, 1, SIDE, SIDE), objective="g")
+
+
+def test_a_bank_on_another_device_than_the_network_is_named() -> None:
+    """Inference never splits itself silently between the host and a device: `meta` stands in
+    for an accelerator on a CPU-only machine."""
+    net = _fc()
+    bank = _random_bank(net, [0, 1, 2])
+    x = torch.randn(2, *net.spec.input_shape)
+    net.to("meta")
+    with pytest.raises(ValueError, match=r"the bank is on cpu and the network on meta: keep both "
+                                         r"on one device \(bank.to\('meta'\)"):
+        alpha_gradients(net, bank, x, bank.rows(None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["one_image", "per_example"])
+def test_inference_on_cuda_equals_the_cpu(trained: tuple, mode: str) -> None:
+    net, bank, tasks = trained
+    x = _test_batch(tasks, 2)
+    cpu = infer_task(net, bank, x, mode=mode)
+    gpu_net = build_network(net.spec).cuda()
+    gpu = infer_task(gpu_net, bank.to("cuda"), x.cuda(), mode=mode)
+    assert torch.equal(cpu.task_ids, gpu.task_ids.cpu())
+    assert torch.allclose(cpu.gradients, gpu.gradients.cpu(), rtol=1e-3, atol=1e-6)
