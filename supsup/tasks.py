@@ -145,12 +145,27 @@ class TaskSet(ABC):
         if batch_size < 1 or steps < 0:
             raise ValueError(f"batch_size must be >= 1 and steps >= 0, got {batch_size}, {steps}")
         task_ids = [self.check_task(t) for t in task_ids]
-        streams = [self._positions(t, batch_size, seed) for t in task_ids]
-        device = self.device
+        positions = self._group_positions(task_ids, batch_size, seed)
         for _ in range(steps):
-            # Orders come from CPU generators (the same on every device); one small copy a step
-            positions = torch.stack([next(s) for s in streams]).to(device, non_blocking=True)
-            yield self.get_group(task_ids, "train", positions, dtype)
+            yield self.get_group(task_ids, "train", next(positions), dtype)
+
+    def _group_positions(self, task_ids: list[int], batch_size: int,
+                         seed: int) -> Iterator[torch.Tensor]:
+        """(G, B) positions per step. Orders come from CPU generators (the same on every
+        device); tasks of one size get theirs as one (G, n) tensor per epoch, moved to the data's
+        device once and sliced per step, so no step runs Python per task or copies to a device."""
+        sizes = {self.size(t, "train") for t in task_ids}
+        if len(sizes) > 1:
+            streams = [self._positions(t, batch_size, seed) for t in task_ids]
+            while True:
+                yield torch.stack([next(s) for s in streams]).to(self.device)
+        n = sizes.pop()
+        self._check_batch(task_ids[0], n, batch_size)
+        gens = [generator(seed, "batches", self.kind, t) for t in task_ids]
+        while True:
+            orders = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(self.device)
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield orders[:, start:start + batch_size]
 
     def get_group(self, task_ids: Sequence[int], split: str, positions: torch.Tensor,
                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +174,15 @@ class TaskSet(ABC):
         x = torch.stack(xs)
         return (x if dtype is None else x.to(dtype)), torch.stack(ys)
 
-    def _positions(self, task_id: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-        n = self.size(task_id, "train")
+    @staticmethod
+    def _check_batch(task_id: int, n: int, batch_size: int) -> None:
         if n < batch_size:
             raise ValueError(f"task {task_id} has {n} training examples, fewer than the batch "
                              f"size {batch_size}")
+
+    def _positions(self, task_id: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        n = self.size(task_id, "train")
+        self._check_batch(task_id, n, batch_size)
         g = generator(seed, "batches", self.kind, task_id)
         while True:
             order = torch.randperm(n, generator=g)
