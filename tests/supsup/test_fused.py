@@ -161,3 +161,18 @@ def test_bf16_masks_are_as_accurate_as_fp32_masks() -> None:
     assert fp32["accuracy_gg"] > 0.9  # the reference itself learned
     for metric in ("accuracy_gg", "task_inference_accuracy"):
         assert abs(bf16[metric] - fp32[metric]) * 100 <= MAX_POINTS, (metric, fp32, bf16)
+
+
+def test_compilation_is_paid_once_per_process_not_per_group() -> None:
+    """Every layer and group size shares one compiled graph per optimiser (dynamic shapes), so
+    a worker compiles on its first group and never again."""
+    from torch._dynamo.utils import counters
+
+    net, tasks = _setup()
+    config = TrainConfig(steps=2, batch_size=32, lr=1e-2, fused=True, optimizer="sgd",
+                         log_every=2)
+    train_group(net, tasks, [0, 1], config)  # compiles (or finds the graph of an earlier test)
+    before = dict(counters["stats"])
+    for ids in ([1, 2, 3], [0, 3], [2, 3, 1, 0]):
+        assert train_group(net, tasks, ids, config).kernel == "compiled"
+    assert dict(counters["stats"]).get("unique_graphs", 0) == before.get("unique_graphs", 0)
