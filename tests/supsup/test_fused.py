@@ -136,9 +136,11 @@ def test_fused_training_on_cuda_matches_cpu_masks_closely(precision: str) -> Non
             assert agree > 0.99, (t, key)
 
 
-# bf16 accuracy: the protocol on the bundled digits. Bound: GG and one-shot task
-# inference of masks trained in bf16 within 0.5 points of masks trained in fp32, both fused.
-# (The fused fp32 step is the eager one within SCORE_ATOL, tested above.)
+# bf16 accuracy on the bundled digits: 10 permuted tasks, 1000 steps of 128 (the protocol). Bound:
+# GG and one-shot task inference (one image of each test batch of 32: 320 inferences) of masks
+# trained in bf16 within 0.5 points of masks trained in fp32, both fused (the fused fp32 step is
+# the eager one within SCORE_ATOL, tested above). Measured: GG 93.85% fp32, 93.78% bf16; task
+# inference 100% for both.
 MAX_POINTS = 0.5
 
 
@@ -156,7 +158,7 @@ def test_bf16_masks_are_as_accurate_as_fp32_masks() -> None:
         bank = MaskBank(net.layer_shapes(), net.bn_features())
         add_to_bank(bank, result)
         summaries[precision] = summarize(evaluate_tasks(
-            net, bank, tasks, batch_size=16, method="one_shot", mode="one_image"))
+            net, bank, tasks, batch_size=32, method="one_shot", mode="one_image"))
     fp32, bf16 = summaries["fp32"], summaries["bf16"]
     assert fp32["accuracy_gg"] > 0.9  # the reference itself learned
     for metric in ("accuracy_gg", "task_inference_accuracy"):
