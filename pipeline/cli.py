@@ -128,7 +128,7 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
 
 
 def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
-                tags: dict[str, str] | None = None) -> Any:
+                tags: dict[str, str] | None = None, model_version: int | None = None) -> Any:
     """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow."""
     from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
@@ -152,11 +152,11 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
             tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
                                  "curve_task_inference_accuracy": c["task_inference_accuracy"]},
                                 step=int(c["tasks_learned"]))
+        report.run_id, report.model_version = run_id, model_version
         out_dir = config.run_dir / "evaluation"
         files = write_report(report, out_dir, f"{config.name}: evaluation")
         for path in files.values():
             tracker.log_artifact(path, "evaluation")
-        report.settings["run_id"] = run_id
     return report, files
 
 
@@ -238,7 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _special(config, args.address, tracker):  # these jobs train and evaluate in one go
         return 0
     summary = do_train(config, args.address, tracker)
-    report, files = do_evaluate(config, summary.publication.source, args.address, tracker)
+    report, files = do_evaluate(config, summary.publication.source, args.address, tracker,
+                                model_version=summary.model_version)
     _print_eval(report, files)
     _where(config, summary.model_version)
     return 0
@@ -263,7 +264,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       f"{target} (config.yaml of run {info['run_id']})",
                                       args.set)
             tags = {"model_uri": target, "model_version": str(info["version"])}
-            report, files = do_evaluate(config, source, args.address, _tracker(config), tags)
+            report, files = do_evaluate(config, source, args.address, _tracker(config), tags,
+                                        model_version=int(info["version"]))
     else:
         from pipeline.registry import MaskRegistry
 

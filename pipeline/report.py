@@ -58,26 +58,46 @@ def markdown(report: EvalReport, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curve(report: EvalReport, path: Path) -> Path | None:
-    """GN and task-inference accuracy against tasks learned, with GG for reference."""
-    if not report.curve:
-        return None
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (workers and servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [c["tasks_learned"] for c in report.curve]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.plot(ks, [100 * c["accuracy_gn"] for c in report.curve], "o-", label="GN accuracy")
+    return plt
+
+
+def plot_curve(report: EvalReport, path: Path) -> Path | None:
+    """GN and task-inference accuracy against tasks learned, with GG for reference.
+
+    The y axis spans 0-100% (no zoom that would magnify a point into a cliff); GG is drawn as a
+    wide pale band under the GN line, so it stays visible where the two coincide (inference
+    right every time); the legend sits beside the axes, never over a point.
+    """
+    if not report.curve:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    ks = [int(c["tasks_learned"]) for c in report.curve]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    ax.plot(ks, [100 * c["accuracy_gg"] for c in report.curve], "-", color="tab:green",
+            linewidth=7, alpha=0.3, solid_capstyle="round", label="GG (task given)")
+    ax.plot(ks, [100 * c["accuracy_gn"] for c in report.curve], "o-", color="tab:blue",
+            label="GN (task inferred)")
     ax.plot(ks, [100 * c["task_inference_accuracy"] for c in report.curve], "s--",
-            label="task inference")
-    ax.plot(ks, [100 * c["accuracy_gg"] for c in report.curve], ":", label="GG accuracy")
-    ax.set_xlabel("tasks learned")
+            color="tab:orange", label="task inference")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("tasks learned (masks in the bank)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{report.bank}: {report.settings.get('method')} inference")
+    ax.set_ylim(0, 101)
+    s = report.settings
+    ax.set_title(f"{report.bank}: accuracy as tasks are added\n"
+                 f"{s.get('method')} inference, {s.get('objective')} objective, "
+                 f"{s.get('mode')}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -89,10 +109,7 @@ def plot_confusion(report: EvalReport, path: Path, max_tasks: int = 60) -> Path 
     ids = [r["task_id"] for r in report.tasks]
     if not ids or len(ids) > max_tasks or not report.tasks[0].get("inferred"):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import numpy as np
 
     index = {t: i for i, t in enumerate(ids)}
@@ -102,12 +119,16 @@ def plot_confusion(report: EvalReport, path: Path, max_tasks: int = 60) -> Path 
         for inferred, count in r["inferred"].items():
             if int(inferred) in index:
                 m[index[r["task_id"]], index[int(inferred)]] = count / total
-    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(5.2, 4.2), dpi=110)
     im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    step = max(1, len(ids) // 10)  # at most ~10 labelled ticks, each a real task id
+    ax.set_xticks(range(0, len(ids), step), [str(t) for t in ids[::step]])
+    ax.set_yticks(range(0, len(ids), step), [str(t) for t in ids[::step]])
     ax.set_xlabel("inferred task")
     ax.set_ylabel("true task")
-    ax.set_title("task inference")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(f"{report.bank}: which task was inferred", fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    bar.set_label("share of the true task's inferences")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -130,23 +151,25 @@ def write_report(report: EvalReport, out_dir: Path, title: str) -> dict[str, Pat
 
 
 def plot_training(trained: dict[int, dict[str, Any]], path: Path) -> Path | None:
-    """Training accuracy and mask density per task."""
+    """Training accuracy (the last logging window) and mask density for each task."""
     if not trained:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     ids = sorted(trained)
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.plot(ids, [100 * trained[t]["train_accuracy"] for t in ids], ".", label="train accuracy")
-    ax.plot(ids, [100 * trained[t]["density"] for t in ids], ".", label="mask density")
-    ax.set_xlabel("task")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    ax.plot(ids, [100 * trained[t]["train_accuracy"] for t in ids], "o", markersize=3,
+            label="training accuracy, last window (%)")
+    ax.plot(ids, [100 * trained[t]["density"] for t in ids], "s", markersize=3,
+            label="mask density: weights kept (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("task id")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 101)
+    ax.set_title(f"training: {len(ids)} tasks", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ from supsup.bank import describe_ids
 
 log = logging.getLogger(__name__)
 
+# report.json: 2 adds schema_version, created, snapshot_sha256, run_id, model_version, int counts
+REPORT_SCHEMA_VERSION = 2
+_COUNTS = ("tasks", "examples")
+
 
 @dataclass
 class EvalReport:
@@ -51,6 +56,10 @@ class EvalReport:
     curve: list[dict[str, float]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+        timespec="seconds"))
+    run_id: str | None = None  # the MLflow run that logged this evaluation
+    model_version: int | None = None  # the registered version evaluated, when there is one
 
     def confusions(self, top: int = 20) -> list[tuple[int, int, int]]:
         """(true task, inferred task, count) for wrong inferences, most frequent first."""
@@ -62,9 +71,18 @@ class EvalReport:
         return sorted(out, key=lambda c: (-c[2], c[0], c[1]))[:top]
 
     def to_dict(self) -> dict[str, Any]:
+        """report.json: versioned, saying where it came from (bank snapshot, MLflow run, model
+        version, time), counts as ints."""
+        summary = {k: int(v) if k in _COUNTS else v for k, v in self.summary.items()}
+        curve = [{k: int(v) if k in _COUNTS or k == "tasks_learned" else v for k, v in c.items()}
+                 for c in self.curve]
         return {
-            "bank": self.bank, "source": self.source, "settings": self.settings,
-            "summary": self.summary, "curve": self.curve, "seconds": self.seconds,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "created": self.created, "bank": self.bank,
+            "snapshot_sha256": self.source.get("snapshot_sha256"),
+            "run_id": self.run_id, "model_version": self.model_version,
+            "source": self.source, "settings": self.settings,
+            "summary": summary, "curve": curve, "seconds": self.seconds,
             "confusions": [list(c) for c in self.confusions()], "tasks": self.tasks,
         }
 
