@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -49,6 +50,10 @@ def test_run_trains_registers_and_evaluates(trained: Path,
     assert report["summary"]["task_inference_accuracy"] >= 0.9
     assert report["summary"]["accuracy_gg"] >= 0.5
     assert [c["tasks_learned"] for c in report["curve"]] == [2, 4, 6]
+    # where the numbers came from: the evaluation's MLflow run, the version it evaluated
+    assert report["model_version"] == 1 and report["summary"]["tasks"] == 6
+    run = MlflowClient(config.tracking_uri).get_run(report["run_id"])
+    assert run.data.tags["snapshot"] == report["snapshot_sha256"]
     for name in ("report.md", "curve.png", "confusion.png"):
         assert (config.run_dir / "evaluation" / name).stat().st_size > 0
     assert (config.run_dir / "training.png").stat().st_size > 0
@@ -77,7 +82,7 @@ def test_evaluate_model_uri(trained: Path, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "task inference" in out
     report = json.loads((config.run_dir / "evaluation" / "report.json").read_text())
-    assert report["settings"]["method"] == "binary"
+    assert report["settings"]["method"] == "binary" and report["model_version"] == 1
     assert report["summary"]["task_inference_accuracy"] >= 0.9
 
 
