@@ -360,8 +360,19 @@ def _where(config: Any, version: int | None) -> None:
               f"--tracking-uri {config.tracking_uri}`")
 
 
+def _version() -> str:
+    """The installed distribution's version (the project's pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("supsup-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supsup", description=__doc__)
+    p.add_argument("--version", action="version", version=f"supsup {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of a failure instead of one error line")

@@ -140,3 +140,12 @@ def test_same_command_again_resumes_without_training(trained: Path) -> None:
     before = _bits(registry, "clitest")
     assert main(["train", str(trained / "exp.yaml")]) == 0
     assert _bits(registry, "clitest") == before
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"supsup {version('supsup-pipeline')}"
