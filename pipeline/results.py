@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,15 +271,16 @@ def markdown(rows: list[tuple[Entry, dict[str, Any]]], out: str, doc_dir: Path,
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from pipeline.cli import main
-
+    """Each entry runs as its own `supsup` process: its failure, memory and Ray session stay its
+    own, and this module never imports the command line that dispatches to it."""
     start = time.perf_counter()
     if args.run:
         for e in ENTRIES:
             if args.only and args.only not in e.config and args.only not in e.label:
                 continue
             log.info("results: supsup %s", " ".join(e.command(args.out)))
-            code = main(e.command(args.out))
+            code = subprocess.run([sys.executable, "-m", "pipeline", *e.command(args.out)],
+                                  check=False).returncode
             if code != 0:
                 log.error("results: %s failed with exit code %d", e.label, code)
     doc = Path(args.doc)
