@@ -592,16 +592,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
             raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML "
                               f"({problem}); write a plain value, e.g. train.lr=0.01, and quote "
                               "strings") from None
-        node = out
-        for i, k in enumerate(keys[:-1]):
-            child = node.get(k, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{source}: override {item!r}: {'.'.join(keys[:i + 1])} is "
-                                  "not a section")
-            node[k] = child = dict(child)
-            node = child
-        node[keys[-1]] = value
+        out = set_dotted(out, keys, value, f"{source}: override {item!r}")
     return out
+
+
+def set_dotted(raw: dict[str, Any], keys: list[str], value: Any, where: str) -> dict[str, Any]:
+    """A copy of `raw` with the value at the dotted path `keys` set: the one walker of config
+    paths for overrides, `reduced` scales and sweeps. Sections on the path are copied, never
+    shared with `raw`; ConfigError naming `where` when a value stands where a section should."""
+    out = dict(raw)
+    node = out
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[:i + 1])} is not a section")
+        node[k] = child = dict(child)
+        node = child
+    node[keys[-1]] = value
+    return out
+
+
+def get_dotted(config: BaseModel, path: str) -> Any:
+    """The value of a validated config at a dotted path such as "train.lr"."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -53,15 +53,11 @@ _COLUMNS = ("trial_id", "run_id", "status", *REPORTED, "train_step", "steps", "l
 def with_values(config: ExperimentConfig, values: dict[str, Any],
                 source: str = "sweep") -> ExperimentConfig:
     """`config` with dotted keys set to `values`, validated like a config file."""
-    from pipeline.config import parse_config
+    from pipeline.config import parse_config, set_dotted
 
     raw = config.model_dump()
     for key, value in values.items():
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = _plain(value)
+        raw = set_dotted(raw, key.split("."), _plain(value), source)
     return parse_config(raw, source)
 
 
@@ -83,7 +79,7 @@ def validate_space(config: ExperimentConfig) -> list[ExperimentConfig]:
     Each key's values are applied on top of a reference setting (every other key at its first
     value, so a rule and its density are checked together). ConfigError names the key.
     """
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, get_dotted
 
     sweep = _sweep(config)
 
@@ -106,7 +102,7 @@ def validate_space(config: ExperimentConfig) -> list[ExperimentConfig]:
         for value in _probe_values(domain):
             probes.append(probe({**reference, key: value}, key, value))
             ranged = domain.uniform is not None or domain.loguniform is not None
-            if ranged and isinstance(_get(probes[-1], key), int):
+            if ranged and isinstance(get_dotted(probes[-1], key), int):
                 raise ConfigError(f"sweep.space: {key} is an integer field; a uniform or "
                                   "loguniform range draws fractions: use grid or choice")
     for checked in probes:
@@ -115,13 +111,6 @@ def validate_space(config: ExperimentConfig) -> list[ExperimentConfig]:
             raise ConfigError("a sweep trial needs train.steps >= 1 (or train.epochs): it is "
                               "scored at its log points")
     return probes
-
-
-def _get(config: ExperimentConfig, key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def trial_task_ids(config: ExperimentConfig) -> list[int]:
