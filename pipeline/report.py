@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.jobs.evaluate import EvalReport
+
+if TYPE_CHECKING:
+    from pipeline.jobs.sweep.outputs import SweepSummary
 
 
 def _pct(v: float | None) -> str:
@@ -174,3 +177,44 @@ def plot_training(trained: dict[int, dict[str, Any]], path: Path) -> Path | None
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_sweep(summary: SweepSummary, out_dir: Path) -> dict[str, Path]:
+    """Validation accuracy against mask density and against compressed bytes per task."""
+    rows = [r for r in summary.rows if r["status"] != "error" and r.get("val_accuracy") is not None]
+    if not rows:
+        return {}
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, x_key, label in (
+        ("accuracy_vs_density", "density", "mask density (fraction of weights kept)"),
+        ("accuracy_vs_bytes", "compressed_bytes_per_task", "bytes per task (zlib-compressed)"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+        for status, marker in (("completed", "o"), ("stopped early", "x")):
+            sel = [r for r in rows if r["status"] == status]
+            if sel:
+                ax.plot([r[x_key] for r in sel], [100 * r["val_accuracy"] for r in sel],
+                        marker, linestyle="none", label=status)
+        if summary.best is not None:
+            ax.plot(summary.best[x_key], 100 * summary.best["val_accuracy"], "*", markersize=14,
+                    color="crimson", label="best")
+        if x_key == "compressed_bytes_per_task":
+            stored = {r["stored_bytes_per_task"] for r in rows}
+            if len(stored) == 1:
+                ax.axvline(stored.pop(), linestyle="--", color="grey", label="bit-packed")
+            xs = [r[x_key] for r in rows]
+            if min(xs) > 0 and max(xs) / min(xs) > 10:
+                ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"sweep over {', '.join(summary.keys)}: {len(rows)} trials", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files[name] = path
+    return files

@@ -10,37 +10,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from supsup.layers import MaskedConv2d, MaskedLinear, TaskBatchNorm2d
+from supsup.layers import convert_modules
 from supsup.networks import NetworkSpec, SupermaskNet
 
-
-def _swap(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, nn.Linear):
-        return MaskedLinear(module.in_features, module.out_features)
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"padding_mode {module.padding_mode!r} is not supported")
-        return MaskedConv2d(
-            module.in_channels, module.out_channels, module.kernel_size,
-            stride=module.stride, padding=module.padding, dilation=module.dilation,
-        )
-    if isinstance(module, nn.BatchNorm2d):
-        return TaskBatchNorm2d(module.num_features, momentum=module.momentum or 0.1,
-                               eps=module.eps)
-    return None
-
-
-def convert_modules(model: nn.Module) -> nn.Module:
-    """Replace Linear / Conv2d / BatchNorm2d in place, recursively; returns `model`."""
-    for name, child in list(model.named_children()):
-        new = _swap(child)
-        if new is None:
-            convert_modules(child)
-        else:
-            setattr(model, name, new)
-    return model
+__all__ = ["convert", "convert_modules"]
 
 
 def convert(model: nn.Module, spec: NetworkSpec) -> SupermaskNet:

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from supsup.layers import InputFlatten, MaskedConv2d, MaskedLayer, MaskedLinear, TaskBatchNorm2d
+from supsup.layers import (
+    InputFlatten,
+    MaskedConv2d,
+    MaskedLayer,
+    MaskedLinear,
+    TaskBatchNorm2d,
+    convert_modules,
+)
 
 
 @dataclass(frozen=True)
@@ -188,8 +195,6 @@ def _resnet18(spec: NetworkSpec) -> nn.Module:
 def _resnet50(spec: NetworkSpec) -> nn.Module:
     """torchvision's ResNet-50 (ImageNet layout) turned into a supermask body."""
     from torchvision.models import resnet50  # torch's own vision package, loaded only here
-
-    from supsup.convert import convert_modules
 
     body = resnet50(weights=None, num_classes=spec.num_outputs)
     body.avgpool = GlobalAvgPool()  # deterministic backward on GPUs (see GlobalAvgPool)

@@ -46,3 +46,55 @@ def test_supsup_imports_no_pipeline_dependency() -> None:
     assert report["banned"] == []
     # Nothing runs at import: no output besides the probe's own line.
     assert result.stdout.strip().count("\n") == 0
+
+
+def _internal_imports(path: Path, modules: set[str]) -> set[str]:
+    """Modules of this project that `path` imports anywhere (functions included), except under
+    `if TYPE_CHECKING:`, which never runs."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def test_no_import_circles() -> None:
+    """Neither package has a circle of imports, not even through imports inside functions."""
+    files = {}
+    for package in ("supsup", "pipeline"):
+        for p in (ROOT / package).rglob("*.py"):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            files[name] = p
+    graph = {m: {t for t in _internal_imports(p, set(files))
+                 if t != m and not m.startswith(t + ".")}  # a package's own __init__ aside
+             for m, p in files.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            assert state.get(t) != 1, "import circle: " + " -> ".join([*path, m, t])
+            if t not in state:
+                visit(t, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert "pipeline.cli" in graph and "supsup.bank" in graph  # the walk saw both packages
