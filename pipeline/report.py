@@ -1,18 +1,19 @@
 """Reports people read: JSON for machines, Markdown for people, PNG plots for a glance.
 
-Plots: accuracy against the number of tasks learned (the paper's Figure 3 view), per-task
-accuracy, and a task-inference confusion matrix for banks small enough to show one.
+The one module that draws (matplotlib, on the file-only Agg backend): accuracy against the number
+of tasks learned (the paper's Figure 3 view), the task-inference confusion matrix for banks small
+enough to show one, training per task, sweep trials, the discovery stream and Hopfield capacity.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.jobs.evaluate import EvalReport
-
 if TYPE_CHECKING:
+    from pipeline.jobs.evaluate import EvalReport
     from pipeline.jobs.sweep.outputs import SweepSummary
 
 
@@ -218,3 +219,60 @@ def plot_sweep(summary: SweepSummary, out_dir: Path) -> dict[str, Path]:
         plt.close(fig)
         files[name] = path
     return files
+
+
+def plot_discovery(stream: dict[str, Any], order: list[int], batches_per_task: int,
+                   path: Path) -> Path:
+    """Mask id trained on each batch against the true task, allocations marked; below it, the
+    training accuracy of each window between checks."""
+    plt = _pyplot()
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+    for i, t in enumerate(order):
+        a = i * batches_per_task
+        top.plot([a, a + batches_per_task], [t, t], color="0.6", lw=6, solid_capstyle="butt",
+                 label="true task" if i == 0 else None)
+    for n, (a, b, m) in enumerate(stream["segments"]):
+        top.plot([a, b + 1], [m, m], color="C0", lw=2, label="mask trained" if n == 0 else None)
+    if stream["allocations"]:
+        xs, ms = zip(*stream["allocations"])
+        top.plot(xs, ms, "v", color="C3", ms=6, label="mask allocated")
+    top.set_ylabel("task / mask id")
+    top.set_title(f"{stream['num_masks']} masks for {len(set(order))} hidden tasks")
+    top.legend(fontsize=7, loc="upper left")
+    top.grid(alpha=0.3)
+    checks = stream["checks"]
+    pts = [(b, a) for b, a in zip(checks["batch"], checks["window_accuracy"]) if math.isfinite(a)]
+    if pts:
+        bottom.plot(*zip(*pts), ".-", color="C2", ms=3)
+    bottom.set_ylim(0, 1)
+    bottom.set_xlabel("batch of the stream")
+    bottom.set_ylabel("train acc.")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_capacity(capacity: list[list[float]], d: int, flip: float, path: Path) -> Path:
+    """Recall rate of random patterns against the number stored, with d / sqrt(2 ln d)."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    ax.plot([c for c, _ in capacity], [100 * r for _, r in capacity], "o-",
+            label=f"exact recall, {100 * flip:.0f}% bits flipped")
+    if d > 1:
+        ax.axvline(d / math.sqrt(2 * math.log(d)), color="0.5", ls=":",
+                   label=r"$d / \sqrt{2 \ln d}$")
+    ax.set_xlabel("patterns stored")
+    ax.set_ylabel("recalled (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"Hopfield reservoir capacity, d = {d}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

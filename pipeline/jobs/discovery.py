@@ -346,47 +346,11 @@ def write_discovery_report(
     }
     files = {"json": out_dir / "report.json"}
     files["json"].write_text(json.dumps(_finite(report), indent=1))
+    from pipeline.report import plot_discovery
+
     files["plot"] = plot_discovery(stream, order, config.discovery.batches_per_task,
                                    out_dir / "discovery.png")
     return files
-
-
-def plot_discovery(stream: dict[str, Any], order: list[int], batches_per_task: int,
-                   path: Path) -> Path:
-    """Mask id trained on each batch against the true task, allocations marked; below it, the
-    training accuracy of each window between checks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.6), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [2, 1]})
-    for i, t in enumerate(order):
-        a = i * batches_per_task
-        top.plot([a, a + batches_per_task], [t, t], color="0.6", lw=6, solid_capstyle="butt",
-                 label="true task" if i == 0 else None)
-    for n, (a, b, m) in enumerate(stream["segments"]):
-        top.plot([a, b + 1], [m, m], color="C0", lw=2, label="mask trained" if n == 0 else None)
-    if stream["allocations"]:
-        xs, ms = zip(*stream["allocations"])
-        top.plot(xs, ms, "v", color="C3", ms=6, label="mask allocated")
-    top.set_ylabel("task / mask id")
-    top.set_title(f"{stream['num_masks']} masks for {len(set(order))} hidden tasks")
-    top.legend(fontsize=7, loc="upper left")
-    top.grid(alpha=0.3)
-    checks = stream["checks"]
-    pts = [(b, a) for b, a in zip(checks["batch"], checks["window_accuracy"]) if math.isfinite(a)]
-    if pts:
-        bottom.plot(*zip(*pts), ".-", color="C2", ms=3)
-    bottom.set_ylim(0, 1)
-    bottom.set_xlabel("batch of the stream")
-    bottom.set_ylabel("train acc.")
-    bottom.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _log(tracker: Any, summary: dict[str, Any], stream: dict[str, Any],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -367,34 +366,11 @@ def write_reservoir_report(summary: dict[str, Any], trained: dict[int, Any],
     files = {"json": out_dir / "report.json", "capacity_json": out_dir / "capacity.json"}
     files["json"].write_text(json.dumps(report, indent=1))
     files["capacity_json"].write_text(json.dumps(curve, indent=1))
+    from pipeline.report import plot_capacity
+
     files["capacity"] = plot_capacity(capacity, d, config.hopfield.capacity_flip,
                                       out_dir / "capacity.png")
     return files
-
-
-def plot_capacity(capacity: list[list[float]], d: int, flip: float, path: Path) -> Path:
-    """Recall rate of random patterns against the number stored, with d / sqrt(2 ln d)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
-    ax.plot([c for c, _ in capacity], [100 * r for _, r in capacity], "o-",
-            label=f"exact recall, {100 * flip:.0f}% bits flipped")
-    if d > 1:
-        ax.axvline(d / math.sqrt(2 * math.log(d)), color="0.5", ls=":",
-                   label=r"$d / \sqrt{2 \ln d}$")
-    ax.set_xlabel("patterns stored")
-    ax.set_ylabel("recalled (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(f"Hopfield reservoir capacity, d = {d}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _log(tracker: Any, registry: MaskRegistry, config: ExperimentConfig, summary: dict[str, Any],
