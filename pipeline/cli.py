@@ -237,9 +237,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracker = _tracker(config)
     if _special(config, args.address, tracker):  # these jobs train and evaluate in one go
         return 0
-    summary = do_train(config, args.address, tracker)
-    report, files = do_evaluate(config, summary.publication.source, args.address, tracker,
-                                model_version=summary.model_version)
+    # One parent run; the train and evaluate runs open inside it and become its children.
+    with tracker.run("run", tags={"job": "run", "bank": config.bank}) as parent_id:
+        summary = do_train(config, args.address, tracker)
+        report, files = do_evaluate(config, summary.publication.source, args.address, tracker,
+                                    {"train_run_id": summary.run_id or ""},
+                                    model_version=summary.model_version)
+        tracker.log_metrics({k: float(v) for k, v in report.summary.items()}, run_id=parent_id)
+        tracker.set_tags({"model_version": summary.model_version or "",
+                          "snapshot": summary.publication.source.snapshot_sha256},
+                         run_id=parent_id)
     _print_eval(report, files)
     _where(config, summary.model_version)
     return 0

@@ -7,6 +7,7 @@ their results and the driver logs them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -113,7 +114,7 @@ class Tracker:
         shows sweeps: the child carries the parent's id in the mlflow.parentRunId tag.
         """
         parent = parent_run_id or (self._runs[-1] if self._runs else None)
-        all_tags = {k: as_text(v) for k, v in (tags or {}).items()}
+        all_tags = {**standard_tags(), **{k: as_text(v) for k, v in (tags or {}).items()}}
         all_tags["mlflow.runName"] = run_name
         all_tags[PROCESS_TAG] = this_process()
         if parent is not None:
@@ -247,6 +248,33 @@ class Tracker:
     def get_run(self, run_id: str | None = None) -> Any:
         """The MLflow Run entity (info, data.params, data.metrics, data.tags)."""
         return self.client.get_run(run_id or self.run_id)
+
+
+@functools.cache
+def standard_tags() -> dict[str, str]:
+    """The tags MLflow's own fluent API sets, so the UI shows who ran what from where: user,
+    source (the command line), source type, the git commit of the working folder when it is a
+    git checkout, and this project's version."""
+    import getpass
+    import shlex
+    import subprocess
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
+    try:
+        tags["supsup.version"] = version("supsup-pipeline")
+    except PackageNotFoundError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if len(commit) == 40:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def _start_time(pid: int) -> str:

@@ -59,6 +59,29 @@ def test_run_trains_registers_and_evaluates(trained: Path,
     assert (config.run_dir / "training.png").stat().st_size > 0
 
 
+def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -> None:
+    """Read back with MlflowClient as a user would: the lineage and who/what/where tags."""
+    from importlib.metadata import version
+
+    config = load_config(trained / "exp.yaml")
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs(
+        [experiment.experiment_id]) if r.data.tags.get("job") in ("run", "train", "evaluate")}
+    parent, train, evaluate = runs["run"], runs["train"], runs["evaluate"]
+    assert "mlflow.parentRunId" not in parent.data.tags
+    for child in (train, evaluate):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert evaluate.data.tags["train_run_id"] == train.info.run_id
+    assert parent.data.tags["model_version"] == "1"
+    assert parent.data.metrics["task_inference_accuracy"] >= 0.9
+    for run in (parent, train, evaluate):
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["supsup.version"] == version("supsup-pipeline")
+        assert len(tags["mlflow.source.git.commit"]) == 40  # the tests run in a git checkout
+
+
 def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config(trained / "exp.yaml")
     capsys.readouterr()
