@@ -77,7 +77,7 @@ def test_run_lookup_and_evaluate_through_mlflow_server_on_postgres(
         experiment = client.get_experiment_by_name(NAME)
         runs = client.search_runs([experiment.experiment_id])
         names = sorted(r.info.run_name for r in runs)
-        assert names == ["evaluate", "evaluate", "train"], names
+        assert names == ["evaluate", "evaluate", "run", "train"], names  # run: the parent
         assert {r.info.status for r in runs} == {"FINISHED"}
         by_model = [r for r in runs if r.data.tags.get("model_uri") == f"models:/{NAME}/1"]
         assert len(by_model) == 1 and by_model[0].data.tags["model_version"] == "1"
