@@ -128,8 +128,10 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
 
 
 def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
-                tags: dict[str, str] | None = None, model_version: int | None = None) -> Any:
-    """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow."""
+                tags: dict[str, str] | None = None,
+                model: tuple[str, int] | None = None) -> Any:
+    """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
+    onto `model` (name, version) when the source is a registered version."""
     from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
 
@@ -152,7 +154,11 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
             tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
                                  "curve_task_inference_accuracy": c["task_inference_accuracy"]},
                                 step=int(c["tasks_learned"]))
-        report.run_id, report.model_version = run_id, model_version
+        if model is not None:
+            from pipeline.tracking import record_evaluation
+
+            record_evaluation(tracker, *model, run_id, report.summary)
+        report.run_id, report.model_version = run_id, (model[1] if model else None)
         out_dir = config.run_dir / "evaluation"
         files = write_report(report, out_dir, f"{config.name}: evaluation")
         for path in files.values():
@@ -242,7 +248,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = do_train(config, args.address, tracker)
         report, files = do_evaluate(config, summary.publication.source, args.address, tracker,
                                     {"train_run_id": summary.run_id or ""},
-                                    model_version=summary.model_version)
+                                    model=(config.model_name, summary.model_version)
+                                    if summary.model_version else None)
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()}, run_id=parent_id)
         tracker.set_tags({"model_version": summary.model_version or "",
                           "snapshot": summary.publication.source.snapshot_sha256},
@@ -272,7 +279,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       args.set)
             tags = {"model_uri": target, "model_version": str(info["version"])}
             report, files = do_evaluate(config, source, args.address, _tracker(config), tags,
-                                        model_version=int(info["version"]))
+                                        model=(info["name"], int(info["version"])))
     else:
         from pipeline.registry import MaskRegistry
 

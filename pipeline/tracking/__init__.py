@@ -13,6 +13,7 @@ from pipeline.tracking.model_registry import (
     load_bank_from_model,
     lookup,
     model_source,
+    record_evaluation,
     register_bank,
     run_config_text,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "load_bank_from_model",
     "lookup",
     "model_source",
+    "record_evaluation",
     "register_bank",
     "resolve_tracking_uri",
     "run_config_text",

@@ -245,6 +245,34 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
     return int(mv.version)
 
 
+def record_evaluation(tracker: Tracker, model_name: str, version: int, run_id: str,
+                      summary: Mapping[str, float]) -> None:
+    """Put an evaluation's metrics on the model version it evaluated: logged against the
+    version's logged model (MLflow shows them on the model's page) and summarised in the version
+    description, naming the evaluation run and its time."""
+    import datetime
+
+    client = tracker.client
+    try:
+        mv = client.get_model_version(model_name, str(version))
+    except MlflowException as exc:  # registered in another store than this run's
+        logger.warning("models:/%s/%s is not in %s (%s): its page does not show this evaluation",
+                       model_name, version, tracker.tracking_uri, exc.message)
+        return
+    if getattr(mv, "model_id", None):
+        for key, value in summary.items():
+            client.log_metric(run_id, key, float(value), model_id=mv.model_id)
+    pct = {k: f"{100 * summary[k]:.2f}%" for k in ("accuracy_gg", "accuracy_gn",
+                                                    "task_inference_accuracy") if k in summary}
+    what = ", ".join(f"{k.replace('accuracy_gg', 'GG').replace('accuracy_gn', 'GN')} {v}"
+                     .replace("task_inference_accuracy", "task inference")
+                     for k, v in pct.items())
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    description = (f"{int(summary.get('tasks', 0))} tasks evaluated: {what} "
+                   f"(evaluate run {run_id}, {when})")
+    client.update_model_version(model_name, str(version), description=description)
+
+
 def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
     """(name, alias, version) of models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest
     (alias and version both None for the newest version)."""

@@ -75,6 +75,13 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     assert evaluate.data.tags["train_run_id"] == train.info.run_id
     assert parent.data.tags["model_version"] == "1"
     assert parent.data.metrics["task_inference_accuracy"] >= 0.9
+    # the evaluation is on the model version: its logged model's metrics and its description
+    mv = client.get_model_version("clitest", "1")
+    logged = client.get_logged_model(mv.model_id)
+    measured = {m.key: m.value for m in logged.metrics or []}
+    assert measured["task_inference_accuracy"] == pytest.approx(
+        evaluate.data.metrics["task_inference_accuracy"])
+    assert "task inference" in mv.description and evaluate.info.run_id in mv.description
     for run in (parent, train, evaluate):
         tags = run.data.tags
         assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
