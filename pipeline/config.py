@@ -557,8 +557,15 @@ class ExperimentConfig(_Section):
         return info
 
     def flat_params(self) -> dict[str, str]:
-        """Dotted key -> value strings, for MLflow params."""
-        return {k: str(v) for k, v in flatten(self.model_dump()).items()}
+        """Dotted key -> value strings for MLflow params, of the sections this config uses: the
+        scenario's own section only, no empty sweep, no `reduced` table (already applied; the
+        whole config is the run's config.yaml artifact)."""
+        unused = {"reduced"} | {k for k, scenario in (("discovery", "nns"),
+                                                       ("hopfield", "hopfield"))
+                                if self.scenario != scenario}
+        if self.sweep is None:
+            unused.add("sweep")
+        return {k: str(v) for k, v in flatten(self.model_dump(exclude=unused)).items()}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

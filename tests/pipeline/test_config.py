@@ -305,3 +305,11 @@ def test_resolved_config_round_trips_through_strict_checks() -> None:
     config = parse_config({"name": "x"}, overrides=["train.steps=2.0", "network.hidden=[8.0]"])
     again = type(config).model_validate(config.model_dump())
     assert again == config and isinstance(again.train.steps, int)
+
+
+def test_params_hold_only_the_sections_in_use() -> None:
+    plain = parse_config({"name": "p"}).flat_params()
+    assert {k.split(".")[0] for k in plain} >= {"train", "network", "evaluate", "tasks"}
+    assert not any(k.startswith(("discovery.", "hopfield.", "sweep.", "reduced")) for k in plain)
+    nns = parse_config({"name": "p", "scenario": "nns"}).flat_params()
+    assert "discovery.batches_per_task" in nns and not any(k.startswith("hopfield.") for k in nns)
