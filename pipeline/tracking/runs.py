@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 PROCESS_TAG = "supsup.process"  # host:pid:start time of the process that opened a run
 PARAM_VALUE_LIMIT = 500  # the oldest MLflow servers' limit; longer values go to an artifact
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
+# The UI opens an experiment of this kind on its runs (model training), not on GenAI traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _METRIC_BATCH = 1000
 
 
@@ -79,7 +81,8 @@ class Tracker:
         if exp is None:
             location = wanted or self._default_artifact_location()
             try:
-                return self.client.create_experiment(self.experiment, location)
+                return self.client.create_experiment(self.experiment, location,
+                                                     tags=EXPERIMENT_TAGS)
             except MlflowException as exc:  # another driver created it meanwhile
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:

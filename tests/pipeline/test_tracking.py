@@ -201,6 +201,15 @@ def test_failed_and_nested_runs(db: str) -> None:
             pass
 
 
+def test_experiments_open_as_model_training(tmp_path: Path) -> None:
+    """A new experiment is tagged as custom model development, so MLflow's UI opens it on its
+    runs rather than on the GenAI traces page."""
+    db = f"sqlite:///{tmp_path / 'kind.db'}"
+    tracker = Tracker(db, "kind")
+    experiment = MlflowClient(db).get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_file_store_and_bare_paths_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="refuses the file store"):
         Tracker(tmp_path.as_uri(), "x")
