@@ -132,6 +132,7 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                 model: tuple[str, int] | None = None) -> Any:
     """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
     onto `model` (name, version) when the source is a registered version."""
+    from pipeline.experiment import data_identity
     from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
 
@@ -140,6 +141,8 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                                        **(tags or {})}) as run_id:
         tracker.log_params({f"evaluate.{k}": str(v)
                             for k, v in config.evaluate.model_dump().items()})
+        dataset, digest, data_source, profile = data_identity(config)
+        tracker.log_dataset(dataset, digest, data_source, profile, context="evaluation")
         bar = _Bar(f"evaluate {source.bank}")
         try:
             report = run_evaluation(config, source, progress=bar, address=address)

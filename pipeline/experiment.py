@@ -55,6 +55,24 @@ def build_net(spec: NetworkSpec) -> SupermaskNet:
     return build_network(spec)
 
 
+def data_identity(config: ExperimentConfig) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(name, digest, source, profile) of the config's base data, as loaded: the digest is a
+    sha256 of the train and test tensors, so it changes exactly when the data does."""
+    import hashlib
+
+    d = config.data
+    train, test = _base_data(d.dataset, d.root, d.download, d.image_size, d.test_fraction,
+                             config.seed)
+    h = hashlib.sha256()
+    for part in (train.x, train.y, test.x, test.y):
+        h.update(part.contiguous().cpu().numpy().tobytes())
+    source = {"dataset": d.dataset, "root": d.root, "image_size": d.image_size,
+              "test_fraction": d.test_fraction, "seed": config.seed}
+    profile = {"train_examples": len(train), "test_examples": len(test),
+               "input_shape": list(train.x.shape[1:]), "labels": train.num_labels}
+    return d.dataset, h.hexdigest(), source, profile
+
+
 @contextlib.contextmanager
 def tracked_run(tracker: Any, name: str, tags: dict[str, str],
                 config: ExperimentConfig) -> Iterator[str | None]:
@@ -66,6 +84,8 @@ def tracked_run(tracker: Any, name: str, tags: dict[str, str],
     with tracker.run(name, tags=tags) as run_id:
         tracker.log_params(config.flat_params())
         tracker.log_text(dump_config(config), "config.yaml")
+        dataset, digest, source, profile = data_identity(config)
+        tracker.log_dataset(dataset, digest, source, profile, context=name)
         yield run_id
 
 

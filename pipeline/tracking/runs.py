@@ -227,6 +227,19 @@ class Tracker:
         for chunk in chunks(entries, _BATCH):
             self.client.log_batch(run_id, tags=list(chunk))
 
+    def log_dataset(self, name: str, digest: str, source: Mapping[str, Any],
+                    profile: Mapping[str, Any], context: str, run_id: str | None = None) -> None:
+        """The data a run used, as an MLflow dataset input (name, content digest, where it came
+        from, its sizes), so runs on the same data are recognisable in the UI and by search."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local",
+                          source=json.dumps(dict(source)), profile=json.dumps(dict(profile)))
+        self.client.log_inputs(run_id or self.run_id, datasets=[DatasetInput(
+            dataset, tags=[InputTag("mlflow.data.context", context)])])
+
     def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
         """Store `text` as the run artifact `artifact_file` (e.g. "config.yaml")."""
         self.client.log_text(run_id or self.run_id, text, artifact_file)

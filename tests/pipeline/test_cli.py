@@ -73,6 +73,10 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     for child in (train, evaluate):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert evaluate.data.tags["train_run_id"] == train.info.run_id
+    # both ran on the same data, logged as a dataset input with its content digest
+    (trained_on,), (evaluated_on,) = (r.inputs.dataset_inputs for r in (train, evaluate))
+    assert trained_on.dataset.name == "mnist-bundled" and len(trained_on.dataset.digest) == 36
+    assert evaluated_on.dataset.digest == trained_on.dataset.digest
     assert parent.data.tags["model_version"] == "1"
     assert parent.data.metrics["task_inference_accuracy"] >= 0.9
     # the evaluation is on the model version: its logged model's metrics and its description
