@@ -47,6 +47,7 @@ from pipeline.tracking.pyfunc import (
     MODEL_KIND,
     check_inference_defaults,
     code_paths,
+    input_normalization,
     model_bank_source,
     model_code_path,
     pip_requirements,
@@ -204,6 +205,7 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
         "format": MODEL_FORMAT, "kind": MODEL_KIND, "model_name": model_name, "run_id": run_id,
         "source": source.to_dict(), "network": spec.to_dict(), "mask": manifest["mask"],
         "inference_defaults": defaults, "embedded": bank_file is not None,
+        "input": input_normalization(manifest["mask"].get("dataset")),
     }
     with tempfile.TemporaryDirectory(prefix="supsup-model-") as tmp:
         info_path = Path(tmp) / MODEL_JSON

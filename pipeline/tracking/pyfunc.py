@@ -26,7 +26,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModelContext
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -47,6 +49,17 @@ MODEL_CODE = "model_code.py"  # MLflow copies it to the model's root under this 
 INFERENCE_DEFAULTS = {"method": "one_shot", "objective": "entropy", "mode": "batch"}
 _INFERENCE_CHOICES = {"method": METHODS, "objective": OBJECTIVES, "mode": MODES}
 _PER_EXAMPLE_ROWS = 64  # per_example inference keeps (rows, weights) gradients: bound the rows
+# How served pixel values are scaled: as training saw them (normalised with the data set's
+# mean/std), or raw, in [0, 1] or [0, 255], normalised here with the mean/std in model.json.
+INPUT_SCALES = ("normalized", "0-1", "0-255")
+
+
+class ModelInputError(MlflowException, ValueError):
+    """A bad input or parameter: MLflow's scoring server answers 400 with this message (not a 500
+    with a traceback), and local callers can catch it as a ValueError."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def model_bank_source(info: Mapping[str, Any], bank_file: str | None = None) -> BankSource:
@@ -69,13 +82,26 @@ def check_inference_defaults(given: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def signature(spec: NetworkSpec, defaults: Mapping[str, str]) -> ModelSignature:
-    """Flattened float32 rows in; task_id, class and confidence per row out; inference params."""
+    """Flattened float32 rows in; task_id, class and confidence per row out; inference params,
+    and `input_scale`: "normalized" (as in training, the default), "0-1" or "0-255" pixels."""
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, math.prod(spec.input_shape)))]),
         outputs=Schema([ColSpec("long", "task_id"), ColSpec("long", "class"),
                         ColSpec("double", "confidence")]),
-        params=ParamSchema([ParamSpec(k, "string", v) for k, v in defaults.items()]),
+        params=ParamSchema([ParamSpec(k, "string", v) for k, v in defaults.items()]
+                           + [ParamSpec("input_scale", "string", INPUT_SCALES[0])]),
     )
+
+
+def input_normalization(dataset: str | None) -> dict[str, list[float]] | None:
+    """The per-channel mean/std the model's training data was normalised with, for model.json
+    (None for a data set without a known normalisation: raw inputs are then refused)."""
+    from pipeline.datasets import NORMALIZATION
+
+    if dataset not in NORMALIZATION:
+        return None
+    mean, std = NORMALIZATION[dataset]
+    return {"dataset": dataset, "mean": list(mean), "std": list(std)}
 
 
 def pip_requirements() -> list[str]:
@@ -112,9 +138,11 @@ def code_paths() -> list[str]:
 class SupSupModel(mlflow.pyfunc.PythonModel):
     """A registered mask bank: infers each input's task, then classifies with that task's mask.
 
-    Input: float32 rows, already normalised as in training, flattened to (B, prod(input_shape))
-    (the signature's form, also as a DataFrame of that many columns); called directly, `predict`
-    also takes (B, *input_shape). Output: a DataFrame with task_id, class and confidence per row.
+    Input: float32 rows flattened to (B, prod(input_shape)) (the signature's form, also as a
+    DataFrame of that many columns); called directly, `predict` also takes (B, *input_shape).
+    Normalised as in training by default; with param input_scale "0-1" or "0-255", raw pixels,
+    normalised here with the training data's mean/std that model.json records.
+    Output: a DataFrame with task_id, class and confidence per row.
     Params: method (one_shot | binary), objective (entropy | g), mode (one_image | batch: one task
     per call; per_example: one task per row); defaults come from the registration.
     """
@@ -129,23 +157,56 @@ class SupSupModel(mlflow.pyfunc.PythonModel):
         self.bank, self.spec = load_bank(self.source)
         self.defaults = dict(info["inference_defaults"])
         self.net: SupermaskNet = build_network(self.spec).eval()
+        self.input = info.get("input")  # mean/std of the training data, when known
         self._lock = threading.Lock()  # bindings are installed on the shared network per call
+
+    def _normalized(self, x: torch.Tensor, scale: str) -> torch.Tensor:
+        return _normalize_input(x, scale, getattr(self, "input", None))
 
     def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Task, class and confidence for each row of `model_input` (see the class docstring)."""
         options = dict(self.defaults)
+        scale = INPUT_SCALES[0]
         for key, value in (params or {}).items():
+            if key == "input_scale":
+                if value is not None and value not in INPUT_SCALES:
+                    raise ModelInputError(f"param input_scale={value!r}; choose one of "
+                                          f"{INPUT_SCALES}")
+                scale = value or scale
+                continue
             if key not in _INFERENCE_CHOICES:
-                raise ValueError(f"unknown param {key!r}; known: {sorted(_INFERENCE_CHOICES)}")
+                raise ModelInputError(f"unknown param {key!r}; known: "
+                                      f"{sorted([*_INFERENCE_CHOICES, 'input_scale'])}")
             if value is not None:
                 if value not in _INFERENCE_CHOICES[key]:
-                    raise ValueError(f"param {key}={value!r}; choose one of "
-                                     f"{_INFERENCE_CHOICES[key]}")
+                    raise ModelInputError(f"param {key}={value!r}; choose one of "
+                                          f"{_INFERENCE_CHOICES[key]}")
                 options[key] = value
-        x = _as_batch(model_input, self.spec.input_shape)
+        try:
+            x = _as_batch(model_input, self.spec.input_shape)
+        except ValueError as exc:
+            raise ModelInputError(str(exc)) from None
+        x = self._normalized(x, scale)
         with self._lock:
             return _predict(self.net, self.bank, x, options)
+
+
+def _normalize_input(x: torch.Tensor, scale: str,
+                     norm: Mapping[str, Any] | None) -> torch.Tensor:
+    """Raw pixels ("0-1" or "0-255") to the normalised units training used."""
+    if scale == "normalized":
+        return x
+    if norm is None:
+        raise ModelInputError(
+            f"input_scale={scale!r}: this model does not record the normalisation of its "
+            "training data; send normalised inputs (input_scale='normalized')")
+    if scale == "0-255":
+        x = x / 255.0
+    shape = (1, len(norm["mean"])) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(norm["mean"], dtype=x.dtype).view(shape)
+    std = torch.tensor(norm["std"], dtype=x.dtype).view(shape)
+    return (x - mean) / std
 
 
 def _as_batch(model_input: Any, input_shape: Sequence[int]) -> torch.Tensor:

@@ -249,6 +249,29 @@ def mlflow_server(backend_store_uri: str, workdir: str | os.PathLike[str],
 
 
 @contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str,
+                 workdir: str | os.PathLike[str]) -> Iterator[str]:
+    """`mlflow models serve` of `model_uri` on 127.0.0.1, in this environment (no new virtualenv),
+    one worker; yields its URL; stopped by its process group on exit."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path, port = work / "model-server.log", free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    mlflow = Path(sys.executable).parent / "mlflow"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(mlflow), "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "--host", HOST, "--port", str(port), "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_healthy(url, proc, log_path, seconds=180)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
 def mlflow_on_postgres(workdir: str | os.PathLike[str]) -> Iterator[tuple[MlflowServer, Postgres]]:
     """A PostgreSQL cluster and an `mlflow server` backed by it, stopped in reverse order."""
     with postgres() as db, mlflow_server(db.uri, workdir) as server:

@@ -52,9 +52,9 @@ from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
 from supsup.tasks import PermutedTasks
 from supsup.train import TrainConfig, train_group
-from tests.pipeline.servers import mlflow_server
+from tests.pipeline.servers import mlflow_server, model_server
 
-MASK_INFO = {"rule": "threshold"}
+MASK_INFO = {"rule": "threshold", "dataset": "mnist-bundled"}  # its mean/std go to model.json
 TASKS = [0, 1, 2]
 REPO = Path(__file__).resolve().parents[2]
 
@@ -307,6 +307,42 @@ def test_registered_model_infers_the_right_task(trained: dict, perm_models: dict
     images = x.reshape(-1, 1, 28, 28)  # the python model itself also takes (B, C, H, W)
     direct = model.unwrap_python_model().predict(None, images)
     assert (direct["task_id"] == 1).all()
+
+
+def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_mlflow_models_serve_answers_raw_pixels(trained: dict, perm_models: dict,
+                                                global_uri: str, tmp_path: Path) -> None:
+    """The registered version behind `mlflow models serve`: raw 0-255 pixels (normalised by the
+    model with its training data's mean/std) give the answers normalised inputs give, and a
+    bad parameter is a 400 naming it, not a traceback."""
+    tasks: PermutedTasks = trained["tasks"]
+    x, _ = _task_batch(tasks, 2, n=16)
+    raw = np.rint((x * 0.3081 + 0.1307) * 255)  # the bundled digits' uint8 pixels back
+    uri = f"models:/perm-model/{perm_models['v1']}"
+    expected = mlflow.pyfunc.load_model(uri).predict(x)
+    with model_server(uri, global_uri, tmp_path) as url:
+        status, body = _post(url, {"inputs": raw.tolist(), "params": {"input_scale": "0-255"}})
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])
+        assert (served["task_id"] == 2).all()
+        assert served["class"].tolist() == expected["class"].tolist()
+        status, body = _post(url, {"inputs": x.tolist()})  # normalised: the default scale
+        assert status == 200 and pd.DataFrame(body["predictions"])["task_id"].eq(2).all()
+        status, body = _post(url, {"inputs": raw.tolist(), "params": {"input_scale": "kelvin"}})
+        assert status == 400 and "input_scale='kelvin'" in body["message"], body
+        assert "Traceback" not in json.dumps(body)
 
 
 def test_a_version_means_the_same_masks_forever(
