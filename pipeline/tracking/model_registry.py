@@ -247,6 +247,30 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
     return int(mv.version)
 
 
+EVALUATED_TAG = "evaluated_model"  # on an evaluation run: models:/NAME/VERSION it evaluated
+
+
+def _lineage(client: MlflowClient, name: str, version: int, run_id: str | None
+             ) -> dict[str, Any]:
+    """Where a version came from and what measured it: the run that registered it, that run's
+    parent (a `supsup run`), and the evaluation runs of exactly this version, newest first."""
+    if not run_id:
+        return {"registered_by_run": None, "parent_run": None, "evaluations": []}
+    run = client.get_run(run_id)
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.{EVALUATED_TAG} = 'models:/{name}/{version}'",
+        order_by=["attributes.start_time DESC"], max_results=20)
+    keys = ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
+    return {
+        "registered_by_run": run_id,
+        "parent_run": run.data.tags.get("mlflow.parentRunId"),
+        "evaluations": [{"run_id": r.info.run_id, "status": r.info.status,
+                         **{k: r.data.metrics[k] for k in keys if k in r.data.metrics}}
+                        for r in found],
+    }
+
+
 def record_evaluation(tracker: Tracker, model_name: str, version: int, run_id: str,
                       summary: Mapping[str, float]) -> None:
     """Put an evaluation's metrics on the model version it evaluated: logged against the
@@ -261,6 +285,7 @@ def record_evaluation(tracker: Tracker, model_name: str, version: int, run_id: s
         logger.warning("models:/%s/%s is not in %s (%s): its page does not show this evaluation",
                        model_name, version, tracker.tracking_uri, exc.message)
         return
+    client.set_tag(run_id, EVALUATED_TAG, f"models:/{model_name}/{version}")
     if getattr(mv, "model_id", None):
         for key, value in summary.items():
             client.log_metric(run_id, key, float(value), model_id=mv.model_id)
@@ -360,6 +385,8 @@ def lookup(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         "snapshot": source["snapshot_sha256"], "tasks": source["task_ids"],
         "source": source, "embedded": info["embedded"], "mask": info.get("mask", {}),
         "inference_defaults": info["inference_defaults"],
+        "description": mv.description or "",
+        "lineage": _lineage(client, mv.name, version, mv.run_id),
     }
 
 

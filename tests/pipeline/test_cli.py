@@ -101,6 +101,14 @@ def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> N
     info = json.loads(capsys.readouterr().out)
     assert info["bank"] == "clitest" and info["version"] == 1
     assert info["tasks"] == list(range(6)) and len(info["snapshot"]) == 64
+    # lineage: registered by the train run of `supsup run`, measured by its evaluate run
+    client = MlflowClient(config.tracking_uri)
+    train = client.get_run(info["lineage"]["registered_by_run"])
+    assert train.info.run_name == "train"
+    assert info["lineage"]["parent_run"] == train.data.tags["mlflow.parentRunId"]
+    (evaluation,) = info["lineage"]["evaluations"]
+    assert client.get_run(evaluation["run_id"]).info.run_name == "evaluate"
+    assert evaluation["task_inference_accuracy"] >= 0.9 and "task inference" in info["description"]
     assert main(["lookup", "models:/clitest@champion", "--task", "4", "--tracking-uri",
                  config.tracking_uri]) == 0
     task = json.loads(capsys.readouterr().out)
