@@ -99,6 +99,8 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
                 "train_accuracy_mean": sum(accs) / len(accs),
                 "tasks_per_hour": summary.tasks_per_hour, "train_seconds": summary.seconds,
             })
+            tracker.log_table([{"task_id": t, **m} for t, m in sorted(summary.trained.items())],
+                              "tasks.json")
             path = plot_training(summary.trained, config.run_dir / "training.png")
             if path:
                 tracker.log_artifact(path)
@@ -153,6 +155,8 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                 k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
                 if r.get(k) is not None})
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
+        tracker.log_table([{k: v for k, v in r.items() if k != "inferred"} for r in report.tasks],
+                          "tasks.json")
         for c in report.curve:
             tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
                                  "curve_task_inference_accuracy": c["task_inference_accuracy"]},

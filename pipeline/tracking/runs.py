@@ -240,6 +240,14 @@ class Tracker:
         self.client.log_inputs(run_id or self.run_id, datasets=[DatasetInput(
             dataset, tags=[InputTag("mlflow.data.context", context)])])
 
+    def log_table(self, rows: list[Mapping[str, Any]], artifact_file: str,
+                  run_id: str | None = None) -> None:
+        """Rows (one per task, say) as an MLflow table artifact, which the UI shows as a table:
+        per-task values belong there, with summaries as the run's metrics."""
+        import pandas as pd
+
+        self.client.log_table(run_id or self.run_id, pd.DataFrame(list(rows)), artifact_file)
+
     def log_text(self, text: str, artifact_file: str, run_id: str | None = None) -> None:
         """Store `text` as the run artifact `artifact_file` (e.g. "config.yaml")."""
         self.client.log_text(run_id or self.run_id, text, artifact_file)

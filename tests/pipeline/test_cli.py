@@ -73,6 +73,10 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     for child in (train, evaluate):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert evaluate.data.tags["train_run_id"] == train.info.run_id
+    for run in (train, evaluate):  # per-task values as an MLflow table, one row per task
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "tasks.json",
+                                                          str(trained))).read_text())
+        assert "task_id" in table["columns"] and len(table["data"]) == 6
     # both ran on the same data, logged as a dataset input with its content digest
     (trained_on,), (evaluated_on,) = (r.inputs.dataset_inputs for r in (train, evaluate))
     assert trained_on.dataset.name == "mnist-bundled" and len(trained_on.dataset.digest) == 36
