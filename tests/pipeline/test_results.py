@@ -35,5 +35,8 @@ def test_results_runs_an_entry_and_writes_its_row(
                if line.startswith("| Training without task identity"))
     assert f"{100 * report['test_accuracy']:.2f}%" in row
     assert "| not run |" in text  # the entries that were not run are listed as such
+    # where the rows came from, and no number from another data set beside a row
+    assert "from commit `" in text and "torch " in text and "cores." in text
+    assert "SplitImageNet 8" not in text and "92.55%" not in text
     assert "supsup train configs/nns_permuted.yaml --set scale=reduced" in text
     assert (doc.parent / "results" / "nns-permuted-reduced-discovery.png").is_file()
