@@ -247,6 +247,15 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
     return int(mv.version)
 
 
+def logged_model_id(mv: Any) -> str | None:
+    """The logged model behind a version: its `model_id`, or (SQL stores keep only the source)
+    the id in its source URI, models:/m-<id>."""
+    if getattr(mv, "model_id", None):
+        return str(mv.model_id)
+    m = re.fullmatch(r"models:/(m-[0-9a-f]+)", mv.source or "")
+    return m.group(1) if m else None
+
+
 EVALUATED_TAG = "evaluated_model"  # on an evaluation run: models:/NAME/VERSION it evaluated
 
 
@@ -286,9 +295,10 @@ def record_evaluation(tracker: Tracker, model_name: str, version: int, run_id: s
                        model_name, version, tracker.tracking_uri, exc.message)
         return
     client.set_tag(run_id, EVALUATED_TAG, f"models:/{model_name}/{version}")
-    if getattr(mv, "model_id", None):
+    model_id = logged_model_id(mv)
+    if model_id is not None:
         for key, value in summary.items():
-            client.log_metric(run_id, key, float(value), model_id=mv.model_id)
+            client.log_metric(run_id, key, float(value), model_id=model_id)
     pct = {k: f"{100 * summary[k]:.2f}%" for k in ("accuracy_gg", "accuracy_gn",
                                                     "task_inference_accuracy") if k in summary}
     what = ", ".join(f"{k.replace('accuracy_gg', 'GG').replace('accuracy_gn', 'GN')} {v}"

@@ -256,8 +256,10 @@ def model_server(model_uri: str, tracking_uri: str,
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     log_path, port = work / "model-server.log", free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    mlflow = Path(sys.executable).parent / "mlflow"
+    bin_dir = Path(sys.executable).parent  # the server execs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    mlflow = bin_dir / "mlflow"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [str(mlflow), "models", "serve", "-m", model_uri, "--env-manager", "local",

@@ -85,7 +85,7 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     assert parent.data.metrics["task_inference_accuracy"] >= 0.9
     # the evaluation is on the model version: its logged model's metrics and its description
     mv = client.get_model_version("clitest", "1")
-    logged = client.get_logged_model(mv.model_id)
+    logged = client.get_logged_model(mv.model_id or mv.source.removeprefix("models:/"))
     measured = {m.key: m.value for m in logged.metrics or []}
     assert measured["task_inference_accuracy"] == pytest.approx(
         evaluate.data.metrics["task_inference_accuracy"])
