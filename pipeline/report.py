@@ -72,6 +72,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save_with_side_legend(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, the legend beside the axes (never over a point), saved and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_curve(report: EvalReport, path: Path) -> Path | None:
     """GN and task-inference accuracy against tasks learned, with GG for reference.
 
@@ -100,12 +110,7 @@ def plot_curve(report: EvalReport, path: Path) -> Path | None:
     ax.set_title(f"{report.bank}: accuracy as tasks are added\n"
                  f"{s.get('method')} inference, {s.get('objective')} objective, "
                  f"{s.get('mode')}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_with_side_legend(fig, ax, path)
 
 
 def plot_confusion(report: EvalReport, path: Path, max_tasks: int = 60) -> Path | None:
@@ -172,12 +177,7 @@ def plot_training(trained: dict[int, dict[str, Any]], path: Path) -> Path | None
     ax.set_ylabel("percent")
     ax.set_ylim(0, 101)
     ax.set_title(f"training: {len(ids)} tasks", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_with_side_legend(fig, ax, path)
 
 
 def plot_sweep(summary: SweepSummary, out_dir: Path) -> dict[str, Path]:
