@@ -55,19 +55,23 @@ def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator
     owned = False
     handler = signal.getsignal(signal.SIGTERM)
     if not ray.is_initialized():
+        from pipeline.console import native_stderr_to_log
+
         target = cluster_address(cluster, address)
         if target:
             log.info("joining Ray cluster at %s", target)
-            ray.init(address=target, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(
-                address="local",
-                num_cpus=cluster.num_cpus or os.cpu_count() or 1,
-                num_gpus=cluster.num_gpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        with native_stderr_to_log():
+            if target:
+                ray.init(address=target, log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(
+                    address="local",
+                    num_cpus=cluster.num_cpus or os.cpu_count() or 1,
+                    num_gpus=cluster.num_gpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
         owned = True
         if callable(handler) and threading.current_thread() is threading.main_thread():
             # Ray's core installs a crash handler for SIGTERM that aborts the process; keep the

@@ -451,6 +451,14 @@ class HopfieldSection(_Section):
         return v
 
 
+class BaselineSection(_Section):
+    """What only the baselines (model: dense | batchensemble | psp) have; they otherwise train
+    with the train section's optimiser, schedule, steps and batches, like SupSup's masks."""
+
+    # BatchEnsemble's rank-one fast weights learn at a rate of their own; None: train.lr.
+    fast_lr: Float | None = Field(1e-2, gt=0)
+
+
 class ExperimentConfig(_Section):
     name: str = "supsup"  # the run folder output_dir/name; default bank, experiment and model
     # Every draw is seeded from (seed, purpose); torch generators take seeds below 2**64, and
@@ -467,6 +475,7 @@ class ExperimentConfig(_Section):
     # first task, then per-task rank-one fast weights), "psp" (one shared network trained on every
     # task in turn, each task's layer inputs multiplied by its own random +-1 context).
     model: Literal["supsup", "dense", "batchensemble", "psp"] = "supsup"
+    baseline: BaselineSection = BaselineSection()
     network: NetworkSection = NetworkSection()
     data: DataSection = DataSection()
     tasks: TasksSection = TasksSection()
@@ -565,6 +574,8 @@ class ExperimentConfig(_Section):
                                 if self.scenario != scenario}
         if self.sweep is None:
             unused.add("sweep")
+        if self.model != "batchensemble":
+            unused.add("baseline")
         return {k: str(v) for k, v in flatten(self.model_dump(exclude=unused)).items()}
 
 

@@ -8,7 +8,6 @@ can be rebuilt from earlier runs. Every measured number is read from a report fi
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -303,38 +302,28 @@ def markdown(rows: list[tuple[Entry, dict[str, Any]]], out: str, doc_dir: Path,
     return "\n".join(lines) + "\n"
 
 
-def cmd_results(args: argparse.Namespace) -> int:
+def cmd_results(run: bool, only: str | None, out: str, doc: str) -> int:
     """Each entry runs as its own `supsup` process: its failure, memory and Ray session stay its
     own, and this module never imports the command line that dispatches to it."""
     start = time.perf_counter()
-    if args.run:
+    if run:
         for e in ENTRIES:
-            if args.only and args.only not in e.config and args.only not in e.label:
+            if only and only not in e.config and only not in e.label:
                 continue
-            log.info("results: supsup %s", " ".join(e.command(args.out)))
-            code = subprocess.run([sys.executable, "-m", "pipeline", *e.command(args.out)],
+            log.info("results: supsup %s", " ".join(e.command(out)))
+            code = subprocess.run([sys.executable, "-m", "pipeline", *e.command(out)],
                                   check=False).returncode
             if code != 0:
                 log.error("results: %s failed with exit code %d", e.label, code)
-    doc = Path(args.doc)
-    figures = doc.parent / "results"
-    timing = Path(args.out) / "results_seconds.json"
-    if args.run and not args.only:
+    doc_path = Path(doc)
+    figures = doc_path.parent / "results"
+    timing = Path(out) / "results_seconds.json"
+    if run and not only:
         timing.parent.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     seconds = (_read(timing) or {}).get("seconds")
-    text = markdown(collect(args.out, figures), args.out, doc.parent, seconds)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-    print(f"wrote {doc}")
+    text = markdown(collect(out, figures), out, doc_path.parent, seconds)
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text(text)
+    print(f"wrote {doc_path}")
     return 0
-
-
-def add_results_parser(sub: Any) -> None:
-    p = sub.add_parser("results", help="run the paper's experiments at reduced scale and "
-                                       "write docs/RESULTS.md")
-    p.add_argument("--run", action="store_true", help="run every command first (minutes)")
-    p.add_argument("--only", help="run only entries whose config path or label contains this")
-    p.add_argument("--out", default="runs/results", help="output folder of the runs")
-    p.add_argument("--doc", default="docs/RESULTS.md")
-    p.set_defaults(fn=cmd_results)

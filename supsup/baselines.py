@@ -119,6 +119,11 @@ class BaselineNet(nn.Module, ABC):
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
         """What training `task_id` updates."""
 
+    def param_groups(self, task_id: int, fast_lr: float | None) -> list[dict[str, Any]]:
+        """torch.optim parameter groups for training `task_id`; a group without "lr" learns at
+        the optimiser's rate. Only BatchEnsemble has weights with a rate of their own."""
+        return [{"params": self.task_parameters(task_id)}]
+
     @abstractmethod
     def terms(self, task_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None],
                                            list[torch.Tensor | None]]:
@@ -206,6 +211,17 @@ class BatchEnsembleNet(_SharedNet):
         if task_id == self.task_ids[0]:
             return [*self.shared.parameters(), *own]
         return own
+
+    def param_groups(self, task_id: int, fast_lr: float | None) -> list[dict[str, Any]]:
+        # The rank-one fast weights scale whole rows and columns of a frozen W: at the shared
+        # weights' small rate they barely move and later tasks stay near chance. BatchEnsemble
+        # gives them a learning rate of their own.
+        own = [*self.fast_r[str(task_id)], *self.fast_s[str(task_id)]]
+        fast: dict[str, Any] = {"params": own} if fast_lr is None else {"params": own,
+                                                                         "lr": fast_lr}
+        if task_id == self.task_ids[0]:
+            return [{"params": list(self.shared.parameters())}, fast]
+        return [fast]
 
     def terms(self, task_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None],
                                            list[torch.Tensor | None]]:
@@ -309,8 +325,11 @@ def train_baseline(
     *,
     device: torch.device | str | None = None,
     callback: Callable[[TrainProgress], None] | None = None,
+    fast_lr: float | None = None,
 ) -> BaselineResult:
     """Train baseline `kind` on `task_ids` one task after another, in the order given.
+
+    `fast_lr` is the learning rate of BatchEnsemble's fast weights (None: config.lr).
 
     The callback gets a TrainProgress (task_ids=[t]) every `log_every` steps and at each task's
     end. Returns the trained network; evaluate it with `evaluate_baseline`.
@@ -336,7 +355,7 @@ def train_baseline(
     for t in task_ids:
         net.add_task(t)
         net.to(device)
-        _train_task(net, tasks, t, config, device, result, callback)
+        _train_task(net, tasks, t, config, device, result, callback, fast_lr)
         result.accuracy_when_learned[t] = task_accuracy(net, tasks, t)[0]
         result.task_ids.append(t)
     result.seconds = time.perf_counter() - start
@@ -345,10 +364,10 @@ def train_baseline(
 
 def _train_task(net: BaselineNet, tasks: TaskSet, task_id: int, config: TrainConfig,
                 device: torch.device, result: BaselineResult,
-                callback: Callable[[TrainProgress], None] | None) -> None:
+                callback: Callable[[TrainProgress], None] | None,
+                fast_lr: float | None = None) -> None:
     """One task's steps with a fresh optimiser; records its metrics in `result`."""
-    params = net.task_parameters(task_id)
-    opt = _optimizer(params, config)
+    opt = _optimizer(net.param_groups(task_id, fast_lr), config)
     base_lrs = [g["lr"] for g in opt.param_groups]
     steps = config.num_steps(tasks.size(task_id, "train"))
     window_loss = torch.zeros((), device=device)

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +118,9 @@ class TrainResult:
     kernel: str = "eager"  # how the step's elementwise tail ran: "eager", "compiled", or why not
 
 
-def _optimizer(params: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.Tensor] | list[dict[str, Any]],
+               config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser over tensors or parameter groups (a group's own "lr" wins)."""
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":

@@ -89,7 +89,8 @@ def run_baseline(
     log.info("training baseline %s on %d %s tasks (%s, %s)", config.model, total,
              config.tasks.family, spec.name, device)
     result = train_baseline(config.model, spec, tasks, task_ids, config.train_config(),
-                            device=device, callback=on_progress)
+                            device=device, callback=on_progress,
+                            fast_lr=config.baseline.fast_lr)
     if progress and done < total:  # zero steps: no task reported its end
         progress(total, total)
     report = evaluate_baseline(result, tasks, task_ids, batch_size=config.evaluate.batch_size)

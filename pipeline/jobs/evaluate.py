@@ -168,7 +168,7 @@ def run_evaluation(
     source: BankSource,
     *,
     task_ids: list[int] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, int], None] | None = None,
     address: str | None = None,
 ) -> EvalReport:
     """Evaluate exactly the bank content `source` names on the tasks of `config`.
@@ -195,7 +195,9 @@ def run_evaluation(
     config_data = config.model_dump()
     rows: list[dict[str, Any]] = []
     curve_rows: dict[int, list[dict[str, Any]]] = {}
-    total = sum(len(g) for _, _, g, _ in jobs)
+    # The bar counts the bank's tasks; the curve's evaluations of earlier subsets are spread
+    # over it by their share of the work, so it ends at len(ids) when everything has.
+    work = sum(len(g) for _, _, g, _ in jobs)
     done = [0]
 
     def on_result(job: tuple[str, int, list[int], list[int] | None], result: Any) -> None:
@@ -203,7 +205,7 @@ def run_evaluation(
         (rows if kind == "final" else curve_rows.setdefault(k, [])).extend(result)
         done[0] += len(group)
         if progress:
-            progress(done[0], total)
+            progress(len(ids) * done[0] / work, len(ids))
 
     with ray_session(config.cluster, address):
         import ray

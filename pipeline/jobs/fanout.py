@@ -23,9 +23,14 @@ def fan_out(
     on_result: Callable[[_T, Any], None],
     describe: Callable[[_T], str],
     max_in_flight: int | None = None,
+    on_start: Callable[[_T], None] | None = None,
+    poll: Callable[[], None] | None = None,
+    poll_seconds: float = 1.0,
 ) -> None:
     """Call `fn(*args(item))` remotely for each item, at most `max_in_flight` at once (all when
-    None); `on_result(item, result)` runs on the driver as each call finishes.
+    None); `on_result(item, result)` runs on the driver as each call finishes, `on_start(item)`
+    as it is submitted, and `poll()` every `poll_seconds` while none finishes (progress from
+    inside running calls).
 
     RuntimeError naming `describe(item)` when a call fails.
     """
@@ -42,7 +47,12 @@ def fan_out(
         while queue and len(running) < limit:
             item = queue.pop(0)
             running[remote.remote(*args(item))] = item
-        ready, _ = ray.wait(list(running), num_returns=1)
+            if on_start is not None:
+                on_start(item)
+        ready, _ = ray.wait(list(running), num_returns=1,
+                            timeout=poll_seconds if poll is not None else None)
+        if not ready and poll is not None:
+            poll()
         for ref in ready:
             item = running.pop(ref)
             try:

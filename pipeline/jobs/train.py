@@ -37,6 +37,7 @@ from pipeline.experiment import (
 )
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
+from pipeline.jobs.progress import BoardReader, item_key, poster, start_board
 from pipeline.registry import MaskRegistry, RegistryConflictError
 from pipeline.registry.store import probe, probe_seen
 
@@ -63,10 +64,12 @@ class TrainSummary:
         return 3600.0 * len(self.trained) / self.seconds if self.seconds > 0 else 0.0
 
 
-def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list[dict[str, Any]]:
+def train_group_worker(config_data: dict[str, Any], task_ids: list[int],
+                       board: Any = None) -> list[dict[str, Any]]:
     """Runs inside a Ray worker: train `task_ids` and write them to the registry.
 
-    Returns one small metrics dict per task. Importable without Ray, so the same function serves
+    Returns one small metrics dict per task; posts the fraction of steps done to `board` (a
+    ProgressBoard actor) at each log point. Importable without Ray, so the same function serves
     a single-process run and the tests' reference.
     """
     import torch
@@ -82,7 +85,15 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int]) -> list
     registry = MaskRegistry(config.registry.root)
     node_id = _node_id()
     start = time.perf_counter()
-    result = train_group(net, tasks, task_ids, config.train_config(), device=device)
+    callback = None
+    if board is not None:
+        post = poster(board, item_key(task_ids))
+
+        def callback(p: Any) -> None:
+            post(p.step / p.steps)
+
+    result = train_group(net, tasks, task_ids, config.train_config(), device=device,
+                         callback=callback)
     seconds = (time.perf_counter() - start) / len(task_ids)
     stored = set(registry.tasks(config.bank))
     out = []
@@ -142,13 +153,14 @@ def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
 def run_training(
     config: ExperimentConfig,
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, int], None] | None = None,
     on_task: Callable[[dict[str, Any]], None] | None = None,
     address: str | None = None,
 ) -> TrainSummary:
     """Train every task of `config` not yet in the registry, with Ray workers.
 
-    `progress(done, total)` is called as groups finish; `on_task(metrics)` once per new task
+    `progress(done, total)` is called as groups finish and, while they run, about every second
+    with `done` counting their fraction of steps (a float); `on_task(metrics)` once per new task
     (the CLI hangs the progress bar and MLflow logging there).
     """
 
@@ -201,11 +213,24 @@ def run_training(
     with ray_session(config.cluster, address) as resources:
         with probe(registry.root) as name:
             check_shared(registry.root, name, probe_seen)
-        fan_out(train_group_worker, groups, lambda g: (config_data, g),
+        board = start_board() if progress else None
+        reader = BoardReader(board, lambda g: len(set(g) - set(stored)))
+        reader.finished = float(len(summary.skipped))
+
+        def poll() -> None:
+            if progress:
+                progress(reader.poll(), total)
+
+        def finished(group: list[int], results: list[dict[str, Any]]) -> None:
+            reader.finish(group)
+            on_result(group, results)
+
+        fan_out(train_group_worker, groups, lambda g: (config_data, g, board),
                 options=remote_options(config.cluster, config.train.max_retries),
-                on_result=on_result, describe=lambda g: f"training tasks {g[0]}..{g[-1]}",
+                on_result=finished, describe=lambda g: f"training tasks {g[0]}..{g[-1]}",
                 max_in_flight=config.train.max_in_flight or worker_slots(config.cluster,
-                                                                         resources))
+                                                                         resources),
+                on_start=reader.start, poll=poll if board is not None else None)
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -243,7 +243,7 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 raise
     if run_id in tracker.open_runs:  # leaving the resumed run marked it FINISHED; it goes on
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    logger.info("registered %s as models:/%s/%s", source.describe(), model_name, mv.version)
+    logger.debug("registered %s as models:/%s/%s", source.describe(), model_name, mv.version)
     return int(mv.version)
 
 
@@ -261,10 +261,12 @@ EVALUATED_TAG = "evaluated_model"  # on an evaluation run: models:/NAME/VERSION 
 
 def _lineage(client: MlflowClient, name: str, version: int, run_id: str | None
              ) -> dict[str, Any]:
-    """Where a version came from and what measured it: the run that registered it, that run's
-    parent (a `supsup run`), and the evaluation runs of exactly this version, newest first."""
+    """Where a version came from and what measured it: the run that registered it, the run
+    that trained its masks, their parent (a `supsup run`), and the evaluation runs of exactly
+    this version, newest first."""
     if not run_id:
-        return {"registered_by_run": None, "parent_run": None, "evaluations": []}
+        return {"registered_by_run": None, "trained_by_run": None, "parent_run": None,
+                "evaluations": []}
     run = client.get_run(run_id)
     found = client.search_runs(
         [run.info.experiment_id],
@@ -273,6 +275,7 @@ def _lineage(client: MlflowClient, name: str, version: int, run_id: str | None
     keys = ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
     return {
         "registered_by_run": run_id,
+        "trained_by_run": run.data.tags.get("train_run_id") or None,
         "parent_run": run.data.tags.get("mlflow.parentRunId"),
         "evaluations": [{"run_id": r.info.run_id, "status": r.info.status,
                          **{k: r.data.metrics[k] for k in keys if k in r.data.metrics}}

@@ -68,11 +68,17 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     experiment = client.get_experiment_by_name(config.experiment_name)
     runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs(
         [experiment.experiment_id]) if r.data.tags.get("job") in ("run", "train", "evaluate")}
+    runs.update({r.data.tags["mlflow.runName"]: r for r in client.search_runs(
+        [experiment.experiment_id]) if r.data.tags.get("job") == "register"})
     parent, train, evaluate = runs["run"], runs["train"], runs["evaluate"]
+    register = runs["register"]
     assert "mlflow.parentRunId" not in parent.data.tags
-    for child in (train, evaluate):
+    for child in (train, register, evaluate):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert evaluate.data.tags["train_run_id"] == train.info.run_id
+    assert register.data.tags["train_run_id"] == train.info.run_id
+    # the register run logged the model that became version 1
+    assert client.get_model_version("clitest", "1").run_id == register.info.run_id
     for run in (train, evaluate):  # per-task values as an MLflow table, one row per task
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "tasks.json",
                                                           str(trained))).read_text())
@@ -105,11 +111,13 @@ def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> N
     info = json.loads(capsys.readouterr().out)
     assert info["bank"] == "clitest" and info["version"] == 1
     assert info["tasks"] == list(range(6)) and len(info["snapshot"]) == 64
-    # lineage: registered by the train run of `supsup run`, measured by its evaluate run
+    # lineage: trained and registered by the child runs of `supsup run`, measured by its
+    # evaluate run
     client = MlflowClient(config.tracking_uri)
-    train = client.get_run(info["lineage"]["registered_by_run"])
-    assert train.info.run_name == "train"
-    assert info["lineage"]["parent_run"] == train.data.tags["mlflow.parentRunId"]
+    register = client.get_run(info["lineage"]["registered_by_run"])
+    assert register.info.run_name == "register"
+    assert client.get_run(info["lineage"]["trained_by_run"]).info.run_name == "train"
+    assert info["lineage"]["parent_run"] == register.data.tags["mlflow.parentRunId"]
     (evaluation,) = info["lineage"]["evaluations"]
     assert client.get_run(evaluation["run_id"]).info.run_name == "evaluate"
     assert evaluation["task_inference_accuracy"] >= 0.9 and "task inference" in info["description"]
@@ -191,7 +199,50 @@ def test_same_command_again_resumes_without_training(trained: Path) -> None:
 def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--version"])
-    assert exit_info.value.code == 0
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"supsup {version('supsup-pipeline')}"
+
+
+@pytest.mark.parametrize(("argv", "own", "foreign"), [
+    (["train"], ["CONFIG", "--set", "--address", "Examples:", "supsup train configs/"],
+     ["--dest", "--tracking-uri"]),
+    (["run"], ["CONFIG", "--set", "Examples:", "supsup run configs/quickstart.yaml"],
+     ["--dest", "--task"]),
+    (["evaluate"], ["TARGET", "--tracking-uri", "--config", "models:/"], ["--dest"]),
+    (["lookup"], ["MODEL_URI", "--task", "--tracking-uri", "lineage"], ["--address"]),
+    (["sweep"], ["CONFIG", "Ray Tune", "best.yaml"], ["--task"]),
+    (["results"], ["--run", "--only", "--out", "--doc"], ["--set"]),
+    (["registry", "ls"], ["[BANK]", "--root", "supsup registry ls"], ["--dest"]),
+    (["registry", "verify"], ["BANK", "Exit status 0"], ["--dest"]),
+    (["registry", "export"], ["BANK", "--dest", "FILE"], ["Exit status"]),
+])
+def test_each_command_has_its_own_help(argv: list[str], own: list[str], foreign: list[str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"Usage: supsup {' '.join(argv)} ")
+    for word in own:
+        assert word in text, (argv, word)
+    for word in foreign:  # not the shared help of several commands
+        assert word not in text, (argv, word)
+
+
+def test_top_level_help_lists_commands_and_global_flags(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("--version", "--quiet", "--verbose", "--debug", "train", "run", "evaluate",
+                 "lookup", "sweep", "results", "registry", "supsup run configs/quickstart.yaml"):
+        assert word in text, word
+
+
+def test_usage_mistakes_are_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "CONFIG" in err[0]
+    assert "supsup train --help" in err[0]
+    assert main(["registry", "export", "bank"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--dest" in line and "supsup registry export --help" in line
+    assert main(["nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err

@@ -77,13 +77,13 @@ def test_run_lookup_and_evaluate_through_mlflow_server_on_postgres(
         experiment = client.get_experiment_by_name(NAME)
         runs = client.search_runs([experiment.experiment_id])
         names = sorted(r.info.run_name for r in runs)
-        assert names == ["evaluate", "evaluate", "run", "train"], names  # run: the parent
+        assert names == ["evaluate", "evaluate", "register", "run", "train"], names  # run: parent
         assert {r.info.status for r in runs} == {"FINISHED"}
         by_model = [r for r in runs if r.data.tags.get("model_uri") == f"models:/{NAME}/1"]
         assert len(by_model) == 1 and by_model[0].data.tags["model_version"] == "1"
         assert by_model[0].data.metrics["task_inference_accuracy"] == pytest.approx(
             report["summary"]["task_inference_accuracy"])
-        assert champion.run_id in {r.info.run_id for r in runs if r.info.run_name == "train"}
+        assert champion.run_id in {r.info.run_id for r in runs if r.info.run_name == "register"}
 
         # The server, not the client, stored every artifact, under its --artifacts-destination.
         assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)

@@ -3,7 +3,6 @@ results and plots; ASHA stopping; a bad search space refused before anything sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,6 @@ import yaml
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.experiment import build_net, build_spec, build_tasks
 from pipeline.jobs.sweep import (
-    add_sweep_parser,
     best_config,
     cmd_sweep,
     mask_bytes,
@@ -45,12 +43,6 @@ def base(tmp_path: Path, **sweep: Any) -> dict[str, Any]:
     }
 
 
-def args_for(path: Path) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_sweep_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["sweep", str(path)])
-
-
 def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -64,7 +56,7 @@ def test_asha_sweep_logs_child_runs_and_writes_best_config(
 ) -> None:
     path = write(tmp_path, base(tmp_path, scheduler={"type": "asha", "grace_period": 1,
                                                        "reduction_factor": 2}))
-    assert cmd_sweep(args_for(path)) == 0
+    assert cmd_sweep(str(path)) == 0
     out = capsys.readouterr().out
     sweep_dir = tmp_path / "runs" / "sweeptest" / "sweep"
     assert f"best config: {sweep_dir / 'best.yaml'}" in out
@@ -144,7 +136,7 @@ def test_invalid_values_fail_before_any_trial(tmp_path: Path, space: dict[str, A
     raw = base(tmp_path)
     raw["sweep"]["space"] = space
     with pytest.raises(ConfigError, match=match):
-        cmd_sweep(args_for(write(tmp_path, raw)))
+        cmd_sweep(str(write(tmp_path, raw)))
     run_dir = tmp_path / "runs" / "sweeptest"
     assert not (run_dir / "sweep").exists()  # no Tune storage, no results
     assert not (run_dir / "mlflow.db").exists()  # no parent run, no child run
@@ -164,7 +156,7 @@ def test_unknown_field_fails_when_the_file_loads(tmp_path: Path, key: str, match
     raw = base(tmp_path)
     raw["sweep"]["space"] = {key: {"grid": [1]}}
     with pytest.raises(ConfigError, match=match):
-        cmd_sweep(args_for(write(tmp_path, raw)))
+        cmd_sweep(str(write(tmp_path, raw)))
     assert not (tmp_path / "runs").exists()
 
 
@@ -200,7 +192,7 @@ def test_config_without_sweep_section(tmp_path: Path) -> None:
     raw = base(tmp_path)
     del raw["sweep"]
     with pytest.raises(ValueError, match="has no sweep section"):
-        cmd_sweep(args_for(write(tmp_path, raw)))
+        cmd_sweep(str(write(tmp_path, raw)))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -274,8 +266,3 @@ def test_shipped_density_sweep_is_valid() -> None:
     assert list(config.sweep.space) == ["train.density"]
     probes = validate_space(config)
     assert {p.train.density for p in probes} == set(config.sweep.space["train.density"].grid)
-
-
-def test_parser_wires_cmd_sweep() -> None:
-    args = args_for(Path("configs/sweep_density.yaml"))
-    assert args.fn is cmd_sweep and args.set is None and args.address is None

@@ -93,6 +93,19 @@ def test_parallel_groups_match_single_process(
     assert again.trained == {} and again.skipped == list(range(6))
 
 
+def test_progress_moves_while_a_group_trains(ray_local: None, tmp_path: Path) -> None:
+    """One group of two tasks: the bar must not sit at 0/2 until the group ends. The worker posts
+    its share of steps to a Ray actor and the driver adds it (fractions of a task)."""
+    config = make_config(tmp_path, "progress", steps=1000, group_size=2, log_every=10)
+    config = parse_config({**config.model_dump(), "tasks": {"family": "permuted",
+                                                            "num_tasks": 2}})
+    seen: list[float] = []
+    run_training(config, progress=lambda d, t: seen.append(d))
+    inside = [d for d in seen if 0 < d < 2]
+    assert inside, seen  # reported part-way through the group, not only at its end
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] == 2
+
+
 def _worker_pids(name: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):

@@ -203,6 +203,26 @@ def test_batchensemble_freezes_shared_weights_after_the_first_task(
         assert row["accuracy"] == row["accuracy_when_learned"]
 
 
+def test_batchensemble_fast_weights_learn_at_their_own_rate(tasks: PermutedTasks) -> None:
+    """At SupSup's small RMSprop rate the rank-one fast weights of later tasks barely move;
+    with a rate of their own they learn, while the shared weights keep the shared rate."""
+    slow = TrainConfig(steps=200, batch_size=32, optimizer="rmsprop", lr=1e-4, log_every=50)
+
+    def later_tasks(fast_lr: float | None) -> float:
+        result = train_baseline("batchensemble", _spec(), tasks, range(NUM_TASKS), slow,
+                                fast_lr=fast_lr)
+        rows = evaluate_baseline(result, tasks)["tasks"]
+        return sum(r["accuracy"] for r in rows if r["task_id"] > 0) / (NUM_TASKS - 1)
+
+    shared_rate, own_rate = later_tasks(None), later_tasks(1e-2)
+    assert own_rate > shared_rate + 0.15, (shared_rate, own_rate)
+    net = BatchEnsembleNet(_spec())
+    net.add_task(0)
+    shared, fast = net.param_groups(0, 1e-2)
+    assert "lr" not in shared and fast["lr"] == 1e-2  # the shared weights: the optimiser's rate
+    assert len(fast["params"]) == 2 * len(net.shapes)
+
+
 def test_psp_forgets_less_than_plain_fine_tuning(
         trained: dict[str, tuple[BaselineResult, dict]]) -> None:
     _, psp = trained["psp"]

@@ -21,13 +21,13 @@ accepts, beside a CSV/JSON of all trials and two plots: validation accuracy agai
 against compressed bytes per task.
 """
 
-from pipeline.jobs.sweep.driver import add_sweep_parser, cmd_sweep, run_sweep
+from pipeline.jobs.sweep.driver import cmd_sweep, run_sweep
 from pipeline.jobs.sweep.outputs import SweepSummary, best_config, format_table
 from pipeline.jobs.sweep.space import param_space, trial_task_ids, validate_space, with_values
 from pipeline.jobs.sweep.trial import mask_bytes, sweep_trial, validation_tasks
 
 __all__ = [
-    "SweepSummary", "add_sweep_parser", "best_config", "cmd_sweep", "mask_bytes",
+    "SweepSummary", "best_config", "cmd_sweep", "mask_bytes",
     "param_space", "run_sweep", "sweep_trial", "trial_task_ids", "validate_space",
     "validation_tasks", "with_values", "format_table",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -132,12 +131,13 @@ def run_sweep(config: ExperimentConfig, *, address: str | None = None) -> SweepS
     return summary
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_sweep(config_path: str, overrides: tuple[str, ...] | list[str] = (),
+              address: str | None = None) -> int:
     """`supsup sweep CONFIG [--set K=V] [--address A]`: run the sweep, print the trials."""
     from pipeline.config import load_config
 
-    config = load_config(args.config, args.set or [])
-    summary = run_sweep(config, address=args.address)
+    config = load_config(config_path, list(overrides))
+    summary = run_sweep(config, address=address)
     print(format_table(summary))
     assert summary.best is not None and summary.best_config is not None
     print(f"best {summary.metric} {_fmt(summary.best[summary.metric])} with "
@@ -148,15 +148,3 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"results: {summary.files['csv']}; MLflow: {config.tracking_uri} "
           f"(experiment {config.experiment_name}, run {summary.run_id})")
     return 0
-
-
-def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `sweep` to the `supsup` sub-commands (an argparse subparsers object)."""
-    p = subparsers.add_parser("sweep", help="hyper-parameter search over the config's `sweep` "
-                              "space with Ray Tune; writes the best config")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--address", help="join the Ray cluster at ADDRESS instead of a local one")
-    p.set_defaults(fn=cmd_sweep)
-    return p

@@ -1,0 +1,365 @@
+"""What each `supsup` command does, with typed arguments; `pipeline.cli` only parses and
+dispatches to these.
+
+A command loads and checks its whole config before anything is written, then opens MLflow runs
+around the jobs: `run` is one parent run whose train, register and evaluate runs are its children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.console import Progress, attach_log_file, log_file
+
+log = logging.getLogger("supsup")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def load(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(config_path, list(overrides))
+
+
+def open_tracker(config: Any) -> Any:
+    """The experiment's Tracker, made only once the whole config and its targets check out
+    (nothing is written before); runs that a killed earlier command left RUNNING are closed.
+    From here on the command's log goes to the run folder's supsup.log."""
+    from pipeline.preflight import check_before_side_effects
+    from pipeline.tracking import Tracker
+
+    check_before_side_effects(config)
+    tracker = Tracker(config.tracking_uri, config.experiment_name)  # checks the server answers
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    attach_log_file(config.run_dir)
+    tracker.close_abandoned_runs()
+    return tracker
+
+
+def do_train(config: Any, address: str | None, tracker: Any) -> Any:
+    """Train into the registry and log it to MLflow ("train" run), then publish and register
+    the bank ("register" run). Returns the TrainSummary, with `publication` (the bank's
+    BankSource and model version)."""
+    from pipeline.experiment import tracked_run
+    from pipeline.jobs.train import run_training
+    from pipeline.publish import publish_bank
+    from pipeline.report import plot_training
+
+    with tracked_run(tracker, "train", {"job": "train", "bank": config.bank}, config) as run_id:
+        bar = Progress(f"train {config.bank}")
+
+        def on_task(r: dict[str, Any]) -> None:
+            tracker.log_task_metrics(r["task_id"], {
+                k: float(r[k]) for k in ("train_accuracy", "train_loss", "density", "seconds")})
+
+        try:
+            summary = run_training(config, progress=bar, on_task=on_task, address=address)
+        finally:
+            bar.close()
+        summary.run_id = run_id
+        if summary.trained:
+            accs = [m["train_accuracy"] for m in summary.trained.values()]
+            tracker.log_metrics({
+                "tasks_trained": len(summary.trained), "tasks_skipped": len(summary.skipped),
+                "train_accuracy_mean": sum(accs) / len(accs),
+                "tasks_per_hour": summary.tasks_per_hour, "train_seconds": summary.seconds,
+            })
+            tracker.log_table([{"task_id": t, **m} for t, m in sorted(summary.trained.items())],
+                              "tasks.json")
+            path = plot_training(summary.trained, config.run_dir / "training.png")
+            if path:
+                tracker.log_artifact(path)
+    tags = {"job": "register", "bank": config.bank, "train_run_id": run_id or ""}
+    with tracked_run(tracker, "register", tags, config) as register_id:
+        started = time.perf_counter()
+        summary.publication = publish_bank(config, tracker, register_id)
+        publish_seconds = time.perf_counter() - started
+        tracker.log_metrics({"publish_seconds": publish_seconds,
+                             "tasks": len(summary.publication.source.task_ids)})
+        tracker.set_tags({"snapshot": summary.publication.source.snapshot_sha256})
+    if summary.trained:
+        # Only a run that trained writes the summary: a rerun that found everything stored
+        # keeps the numbers of the run that did the work.
+        _write_json(config.run_dir / "train_summary.json", {
+            "bank": config.bank, "tasks_trained": len(summary.trained),
+            "tasks_skipped": len(summary.skipped), "seconds": summary.seconds,
+            "tasks_per_hour": summary.tasks_per_hour, "publish_seconds": publish_seconds,
+            "run_id": run_id, "register_run_id": register_id,
+            "tasks": {str(t): m for t, m in sorted(summary.trained.items())},
+        })
+    reg = summary.publication.registration
+    if reg is not None:
+        summary.model_version = reg.version
+        how = "registered as" if reg.created else "already registered as"
+        log.info("%s: %s %s (@%s)", summary.publication.source.describe(), how, reg.uri,
+                 config.tracking.alias)
+    log.info("trained %d new tasks (%d already stored) in %.1f s: %.0f tasks/h",
+             len(summary.trained), len(summary.skipped), summary.seconds, summary.tasks_per_hour)
+    return summary
+
+
+def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
+                tags: dict[str, str] | None = None,
+                model: tuple[str, int] | None = None) -> Any:
+    """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
+    onto `model` (name, version) when the source is a registered version."""
+    from pipeline.experiment import data_identity
+    from pipeline.jobs.evaluate import run_evaluation
+    from pipeline.report import write_report
+
+    with tracker.run("evaluate", tags={"job": "evaluate", "bank": source.bank,
+                                       "snapshot": source.snapshot_sha256,
+                                       **(tags or {})}) as run_id:
+        tracker.log_params({f"evaluate.{k}": str(v)
+                            for k, v in config.evaluate.model_dump().items()})
+        dataset, digest, data_source, profile = data_identity(config)
+        tracker.log_dataset(dataset, digest, data_source, profile, context="evaluation")
+        bar = Progress(f"evaluate {source.bank}")
+        try:
+            report = run_evaluation(config, source, progress=bar, address=address)
+        finally:
+            bar.close()
+        for r in report.tasks:
+            tracker.log_task_metrics(r["task_id"], {
+                k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
+                if r.get(k) is not None})
+        tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
+        tracker.log_table([{k: v for k, v in r.items() if k != "inferred"} for r in report.tasks],
+                          "tasks.json")
+        for c in report.curve:
+            tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
+                                 "curve_task_inference_accuracy": c["task_inference_accuracy"]},
+                                step=int(c["tasks_learned"]))
+        if model is not None:
+            from pipeline.tracking import record_evaluation
+
+            record_evaluation(tracker, *model, run_id, report.summary)
+        report.run_id, report.model_version = run_id, (model[1] if model else None)
+        out_dir = config.run_dir / "evaluation"
+        files = write_report(report, out_dir, f"{config.name}: evaluation")
+        for path in files.values():
+            tracker.log_artifact(path, "evaluation")
+    return report, files
+
+
+def print_evaluation(report: Any, files: dict[str, Path]) -> None:
+    s = report.summary
+    print(f"GG accuracy {100 * s['accuracy_gg']:.2f}%", end="")
+    if "accuracy_gn" in s:
+        print(f" | GN accuracy {100 * s['accuracy_gn']:.2f}% | task inference "
+              f"{100 * s['task_inference_accuracy']:.2f}%", end="")
+    print(f" over {int(s['tasks'])} tasks")
+    print(f"report: {files['markdown']}")
+
+
+def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
+    """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
+    from pipeline.experiment import tracked_run
+    from pipeline.jobs.baseline import run_baseline
+
+    tags = {"job": "baseline", "model": config.model}
+    with tracked_run(tracker, f"baseline-{config.model}", tags, config):
+        bar = Progress(f"{config.model} {config.name}")
+        try:
+            report = run_baseline(config, progress=bar)
+        finally:
+            bar.close()
+        for t, acc in report.get("accuracy", {}).items():
+            tracker.log_task_metrics(int(t), {"accuracy_gg": float(acc)})
+        tracker.log_metrics({"accuracy_gg": report["mean_accuracy"],
+                             "bytes_per_task": report["bytes_per_task"],
+                             "seconds": report["seconds"]})
+        tracker.log_artifact(report["path"], "baseline")
+    print(f"{config.model}: accuracy (task given) {100 * report['mean_accuracy']:.2f}% over "
+          f"{len(report.get('accuracy', {}))} tasks, {report['bytes_per_task']:,} bytes per task")
+    print(f"report: {report['path']}")
+    return report
+
+
+def do_scenario(config: Any, address: str | None, tracker: Any) -> dict[str, Any]:
+    """Training without task identity ("nns") or the Hopfield reservoir ("hopfield")."""
+    if config.scenario == "nns":
+        from pipeline.jobs.discovery import run_discovery as job
+    else:
+        from pipeline.jobs.reservoir import run_reservoir as job
+    bar = Progress(f"{config.scenario} {config.name}")
+    try:
+        summary = job(config, progress=bar, tracker=tracker, address=address)
+    finally:
+        bar.close()
+    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+    print(json.dumps(shown, indent=1))
+    for name, path in (summary.get("files") or {}).items():
+        print(f"{name}: {path}")
+    return summary
+
+
+def _special(config: Any, address: str | None, tracker: Any) -> bool:
+    """Run a baseline or a scenario job when the config asks for one; True if it did."""
+    if config.model != "supsup":
+        do_baseline(config, tracker)
+        return True
+    if config.scenario != "gg_gn":
+        do_scenario(config, address, tracker)
+        return True
+    return False
+
+
+def train(config_path: str, overrides: tuple[str, ...], address: str | None) -> int:
+    config = load(config_path, overrides)
+    tracker = open_tracker(config)
+    if _special(config, address, tracker):
+        return 0
+    summary = do_train(config, address, tracker)
+    where(config, summary.model_version)
+    return 0
+
+
+def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> int:
+    config = load(config_path, overrides)
+    tracker = open_tracker(config)
+    if _special(config, address, tracker):  # these jobs train and evaluate in one go
+        return 0
+    # One parent run; the train, register and evaluate runs open inside it: its children.
+    with tracker.run("run", tags={"job": "run", "bank": config.bank}) as parent_id:
+        summary = do_train(config, address, tracker)
+        report, files = do_evaluate(config, summary.publication.source, address, tracker,
+                                    {"train_run_id": summary.run_id or ""},
+                                    model=(config.model_name, summary.model_version)
+                                    if summary.model_version else None)
+        tracker.log_metrics({k: float(v) for k, v in report.summary.items()}, run_id=parent_id)
+        tracker.set_tags({"model_version": summary.model_version or "",
+                          "snapshot": summary.publication.source.snapshot_sha256},
+                         run_id=parent_id)
+    print_evaluation(report, files)
+    where(config, summary.model_version)
+    return 0
+
+
+def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
+             tracking_uri: str | None, address: str | None) -> int:
+    from pipeline.config import parse_config
+
+    if target.startswith("models:/"):
+        from pipeline.tracking import model_source, run_config_text
+
+        uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
+        with tempfile.TemporaryDirectory(prefix="supsup-evaluate-") as tmp:
+            info, source = model_source(target, uri, tmp)
+            if config_path:
+                config = load(config_path, overrides)
+            else:
+                import yaml
+
+                config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
+                                      f"{target} (config.yaml of run {info['run_id']})",
+                                      list(overrides))
+            tags = {"model_uri": target, "model_version": str(info["version"])}
+            report, files = do_evaluate(config, source, address, open_tracker(config), tags,
+                                        model=(info["name"], int(info["version"])))
+    else:
+        from pipeline.registry import MaskRegistry
+
+        config = load(target, overrides)
+        source = MaskRegistry(config.registry.root).source(config.bank)
+        report, files = do_evaluate(config, source, address, open_tracker(config))
+    print_evaluation(report, files)
+    return 0
+
+
+def resolve_tracking_uri(tracking_uri: str | None, config_path: str | None = None,
+                         overrides: tuple[str, ...] = ()) -> str:
+    """--tracking-uri, else the config's, else MLFLOW_TRACKING_URI; an error line otherwise."""
+    import os
+
+    if tracking_uri:
+        return tracking_uri
+    if config_path:
+        return str(load(config_path, overrides).tracking_uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    raise ValueError("pass --tracking-uri URI (or --config CONFIG, or set MLFLOW_TRACKING_URI) "
+                     "so the model registry can be found")
+
+
+def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
+           config_path: str | None) -> int:
+    from pipeline.tracking import lookup as lookup_model
+
+    info = lookup_model(model_uri, resolve_tracking_uri(tracking_uri, config_path))
+    if task is not None:
+        from pipeline.registry import MaskRegistry
+
+        record = MaskRegistry(info["registry_root"]).read_task(info["bank"], task)
+        info = {"model": model_uri, "version": info["version"], "task_id": task,
+                "densities": record.densities, "metadata": record.metadata}
+    print(json.dumps(info, indent=1, default=str))
+    return 0
+
+
+def registry_ls(root: str, bank: str | None) -> int:
+    from pipeline.registry import MaskRegistry
+
+    registry = MaskRegistry(root)
+    banks = [bank] if bank else registry.banks()
+    if not banks:
+        print(f"no banks under {root}")
+    for b in banks:
+        m = registry.manifest(b)
+        ids = registry.tasks(b)
+        span = f"{ids[0]}..{ids[-1]}" if ids else "-"
+        print(f"{b}: {len(ids)} tasks ({span}), network {m['network']['name']} "
+              f"seed {m['network']['seed']}, rule {m['mask'].get('rule')}")
+    return 0
+
+
+def registry_verify(root: str, bank: str) -> int:
+    """0 when every file of the bank checks out, 1 otherwise (each problem on its own line)."""
+    from pipeline.registry import MaskRegistry
+
+    report = MaskRegistry(root).verify(bank)
+    if report.manifest_problem:
+        print(f"{bank}: manifest: {report.manifest_problem}")
+    print(f"{bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems, "
+          f"{len(report.foreign)} files that are not the bank's")
+    for t, msg in sorted(report.problems.items()):
+        print(f"  task {t}: {msg}")
+    for name in report.foreign:
+        print(f"  not a file of this bank: {name} (move it out of the bank folder)")
+    for name in report.temporary:
+        print(f"  temporary file of an unfinished write: {name} (safe to delete when no job "
+              "writes to this bank)")
+    if report.reservoir_problem:
+        print(f"  reservoir: {report.reservoir_problem}")
+    return 0 if report.all_ok else 1
+
+
+def registry_export(root: str, bank: str, dest: str) -> int:
+    from pipeline.registry import MaskRegistry, export_bank
+
+    source = export_bank(MaskRegistry(root), bank, Path(dest))
+    print(f"exported {source.describe()} to {dest}")
+    return 0
+
+
+def where(config: Any, version: int | None) -> None:
+    """Where the command left its outputs, and how to look at them."""
+    print(f"run folder: {config.run_dir}")
+    if log_file() is not None:
+        print(f"log: {log_file()}")
+    print(f"mask registry: {config.registry.root} (bank {config.bank})")
+    print(f"MLflow: {config.tracking_uri} (experiment {config.experiment_name}); "
+          f"browse with `mlflow ui --backend-store-uri {config.tracking_uri}`")
+    if version is not None:
+        print(f"model: models:/{config.model_name}@{config.tracking.alias} (version {version}); "
+              f"`supsup lookup models:/{config.model_name}@{config.tracking.alias} "
+              f"--tracking-uri {config.tracking_uri}`")
