@@ -103,11 +103,17 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["tracking.uri=http://127.0.0.1:9"], "http://127.0.0.1:9"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(
-        trained: Path, options: list[str], named: str) -> None:
+        trained: Path, options: list[str], named: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (the same `main` as the installed command, minus a start-up per case)."""
+    from pipeline.cli import main
+
     before = _state(trained)
     args = [a for o in options for a in ("--set", o)]
     started = time.monotonic()
-    done = _supsup("train", str(trained / "probe.yaml"), *args)
+    capsys.readouterr()
+    code = main(["train", str(trained / "probe.yaml"), *args])
+    done = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
     assert done.returncode == 2, done.stderr[-3000:]
     assert named in _one_error(done)
     assert time.monotonic() - started < 60  # seconds, not minutes of retries
@@ -224,7 +230,8 @@ def test_a_killed_driver_leaves_runs_that_the_rerun_closes(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     assert _running(tmp_path) == []
     with sqlite3.connect(tmp_path / "runs" / "probe" / "mlflow.db") as conn:
+        # the killed train run; the rerun's train and register runs
         assert sorted(s for (s,) in conn.execute("select status from runs")) == [
-            "FINISHED", "KILLED"]
+            "FINISHED", "FINISHED", "KILLED"]
     registry = MaskRegistry(tmp_path / "registry")
     assert registry.tasks("probe") == list(range(12)) and registry.verify("probe").all_ok

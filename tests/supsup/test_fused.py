@@ -136,11 +136,12 @@ def test_fused_training_on_cuda_matches_cpu_masks_closely(precision: str) -> Non
             assert agree > 0.99, (t, key)
 
 
-# bf16 accuracy on the bundled digits: 10 permuted tasks, 1000 steps of 128 (the protocol). Bound:
-# GG and one-shot task inference (one image of each test batch of 32: 320 inferences) of masks
-# trained in bf16 within 0.5 points of masks trained in fp32, both fused (the fused fp32 step is
-# the eager one within SCORE_ATOL, tested above). Measured: GG 93.85% fp32, 93.78% bf16; task
-# inference 100% for both.
+# bf16 accuracy on the bundled digits: 5 permuted tasks, 500 steps of 128 (half the protocol's
+# steps, to keep the suite short). Bound: GG and one-shot task inference (one image of each test
+# batch of 32) of masks trained in bf16 within 0.5 points of masks trained in fp32, both fused
+# (the fused fp32 step is the eager one within SCORE_ATOL, tested above). Measured at the full
+# protocol (10 tasks, 1000 steps): GG 93.85% fp32, 93.78% bf16; task inference 100% for both.
+# Measured here: GG 92.56% fp32, 92.52% bf16; task inference 100% for both.
 MAX_POINTS = 0.5
 
 
@@ -148,19 +149,19 @@ MAX_POINTS = 0.5
 def test_bf16_masks_are_as_accurate_as_fp32_masks() -> None:
     torch.manual_seed(0)
     train, test = load_dataset("mnist-bundled", seed=0)
-    tasks = PermutedTasks(train, test, num_tasks=10, seed=0)
+    tasks = PermutedTasks(train, test, num_tasks=5, seed=0)
     net = build_network(name="lenet", num_outputs=500, num_classes=10,
                         input_shape=tasks.input_shape)
     summaries = {}
     for precision in ("fp32", "bf16"):
-        config = TrainConfig(steps=1000, fused=True, precision=precision, log_every=1000)
-        result = train_group(net, tasks, list(range(10)), config)
+        config = TrainConfig(steps=500, fused=True, precision=precision, log_every=500)
+        result = train_group(net, tasks, list(range(5)), config)
         bank = MaskBank(net.layer_shapes(), net.bn_features())
         add_to_bank(bank, result)
         summaries[precision] = summarize(evaluate_tasks(
             net, bank, tasks, batch_size=32, method="one_shot", mode="one_image"))
     fp32, bf16 = summaries["fp32"], summaries["bf16"]
-    assert fp32["accuracy_gg"] > 0.9  # the reference itself learned
+    assert fp32["accuracy_gg"] > 0.85  # the reference itself learned
     for metric in ("accuracy_gg", "task_inference_accuracy"):
         assert abs(bf16[metric] - fp32[metric]) * 100 <= MAX_POINTS, (metric, fp32, bf16)
 
