@@ -11,7 +11,7 @@ never reach the learner. A second Ray task loads the discovered bank back from t
 measures test accuracy with one-shot inference among the discovered masks
 (`supsup.discovery.evaluate_discovered`), so what is measured is what was stored.
 
-Only the config, a progress counter and small dicts cross Ray's object store. The driver writes
+Only the config, progress fractions and small dicts cross Ray's object store. The driver writes
 runs/<name>/discovery/report.json and discovery.png (the mask trained on each batch against the
 true task, with the allocation points) and is the only MLflow writer.
 
@@ -34,6 +34,7 @@ from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.experiment import build_net, build_spec, build_tasks, tracked_run
 from pipeline.jobs.devices import worker_device
+from pipeline.jobs.progress import BoardReader, poster, start_board
 from pipeline.registry import MaskRegistry, load_bank
 from supsup.discovery import DiscoveryConfig
 
@@ -91,27 +92,14 @@ def prepare_discovery_bank(config: ExperimentConfig) -> MaskRegistry:
 
 
 # ------------------------------------------------------------------------------ workers
-class StreamCounter:
-    """Batches fed so far: the worker posts, the driver polls (a Ray actor without a CPU)."""
-
-    def __init__(self) -> None:
-        self.batches = 0
-
-    def set(self, batches: int) -> None:
-        self.batches = batches
-
-    def get(self) -> int:
-        return self.batches
-
-
 def _device(config: ExperimentConfig) -> str:
     return worker_device(config.cluster)
 
 
-def discover_worker(config_data: dict[str, Any], counter: Any = None) -> dict[str, Any]:
+def discover_worker(config_data: dict[str, Any], board: Any = None) -> dict[str, Any]:
     """Runs inside a Ray worker: the whole stream, then every discovered mask into the registry.
 
-    `counter` (a StreamCounter actor handle, optional) receives the number of batches fed at
+    `board` (a ProgressBoard actor handle, optional) receives the fraction of the stream fed at
     every check. Returns the record of the stream: segments, allocation points, one entry per
     check, the allocation report against the true tasks and one small dict per mask.
     """
@@ -133,12 +121,14 @@ def discover_worker(config_data: dict[str, Any], counter: Any = None) -> dict[st
     bpt = config.discovery.batches_per_task
     learner = MaskDiscovery(net, discovery_config(config))
     stream = stream_from_tasks(tasks, order, bpt, config.train.batch_size, seed=config.seed)
+    post = poster(board, "stream") if board is not None else None
+    total = len(order) * bpt
     for i, (x, y) in enumerate(stream):
-        if learner.feed(x, y) is not None and counter is not None:
-            counter.set.remote(i + 1)
+        if learner.feed(x, y) is not None and post is not None:
+            post((i + 1) / total)
     result = learner.result()
-    if counter is not None:
-        counter.set.remote(result.num_batches)
+    if post is not None:
+        post(1.0)
     truth = stream_task_labels(order, bpt)
     report = allocation_report(result, truth)
 
@@ -210,7 +200,7 @@ def evaluate_worker(config_data: dict[str, Any]) -> list[dict[str, Any]]:
 def run_discovery(
     config: ExperimentConfig,
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[float, int], None] | None = None,
     tracker: Any = None,
     address: str | None = None,
 ) -> dict[str, Any]:
@@ -244,28 +234,28 @@ def run_discovery(
 def _run_workers(
     config: ExperimentConfig,
     num_streamed: int,
-    progress: Callable[[int, int], None] | None,
+    progress: Callable[[float, int], None] | None,
     address: str | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import ray
 
     config_data = config.model_dump()
     options = remote_options(config.cluster, config.train.max_retries)
-    bpt = config.discovery.batches_per_task
     with ray_session(config.cluster, address):
-        counter = ray.remote(num_cpus=0)(StreamCounter).remote() if progress else None
+        board = start_board() if progress else None
+        reader = BoardReader(board, lambda _: num_streamed)
+        reader.start(["stream"])
         try:
-            ref = ray.remote(**options)(discover_worker).remote(config_data, counter)
+            ref = ray.remote(**options)(discover_worker).remote(config_data, board)
             if progress:
                 progress(0, num_streamed)
             ready: list[Any] = []
             while not ready:
                 ready, _ = ray.wait([ref], timeout=1.0)
-                if progress and counter is not None:
-                    fed = ray.get(counter.get.remote())
-                    progress(min(num_streamed, fed // bpt), num_streamed)
+                if progress and board is not None:
+                    progress(min(float(num_streamed), reader.poll()), num_streamed)
             stream = ray.get(ref)
-            if progress:  # the counter's last post may still be on its way
+            if progress:  # the last post may still be on its way
                 progress(num_streamed, num_streamed)
             evaluation = ray.get(ray.remote(**options)(evaluate_worker).remote(config_data))
         except ray.exceptions.RayError as err:
@@ -274,8 +264,8 @@ def _run_workers(
                 "the failure stay in the registry; move the bank away (or set registry.bank to a "
                 "new name) before running again.") from err
         finally:
-            if counter is not None:
-                ray.kill(counter)
+            if board is not None:
+                ray.kill(board)
     return stream, evaluation
 
 

@@ -215,23 +215,3 @@ def test_an_interrupted_run_is_marked_killed_and_ray_is_shut_down(
     leftovers = subprocess.run(["pgrep", "-f", f"session.*{proc.pid}"], capture_output=True,
                                text=True).stdout.split()
     assert leftovers == []  # the local Ray the command started is gone with it
-
-
-def test_a_killed_driver_leaves_runs_that_the_rerun_closes(tmp_path: Path) -> None:
-    config = _config(tmp_path, tasks={"num_tasks": 12}, train={"steps": 200})
-    proc = subprocess.Popen([SUPSUP, "train", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    _wait_for_tasks(tmp_path / "registry", "probe", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(_running(tmp_path)) == 1  # what a SIGKILL leaves behind
-    done = _supsup("train", str(config))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _running(tmp_path) == []
-    with sqlite3.connect(tmp_path / "runs" / "probe" / "mlflow.db") as conn:
-        # the killed train run; the rerun's train and register runs
-        assert sorted(s for (s,) in conn.execute("select status from runs")) == [
-            "FINISHED", "FINISHED", "KILLED"]
-    registry = MaskRegistry(tmp_path / "registry")
-    assert registry.tasks("probe") == list(range(12)) and registry.verify("probe").all_ok

@@ -88,8 +88,12 @@ def ray_env() -> Iterator[dict[str, Any]]:
         subprocess.run(["rm", "-rf", root], check=False)
 
 
-def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_env: dict[str, Any],
-                                                         tmp_path: Path) -> None:
+def test_jobs_and_drivers_join_the_cluster_and_a_killed_head_is_not_joined_later(
+        ray_env: dict[str, Any], tmp_path: Path) -> None:
+    """One head (with its dashboard, for jobs): `ray job submit ... -- supsup run` joins it
+    through the RAY_ADDRESS Ray sets for the job; a driver with RAY_ADDRESS joins it; once the
+    head is killed, a command without an address starts its own Ray instead of following the
+    cluster file the dead head left."""
     env = ray_env["env"]
     head, address, dash = _start_head(env, tmp_path / "head.log", dashboard=True)
     try:
@@ -110,18 +114,6 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster(ray_env: dict[str, Any]
         assert done.returncode == 0, out[-4000:]
         assert f"joining Ray cluster at {address}" in out  # RAY_ADDRESS, set by Ray for the job
         assert "task inference" in out
-    finally:
-        stop_group(head)
-    assert MaskRegistry(tmp_path / "registry").tasks("submitted") == [0, 1]
-    assert (tmp_path / "runs" / "submitted" / "evaluation" / "report.json").is_file()
-
-
-def test_ray_address_joins_and_a_killed_head_is_not_joined_later(ray_env: dict[str, Any],
-                                                                  tmp_path: Path) -> None:
-    env = ray_env["env"]
-    head, address, _ = _start_head(env, tmp_path / "head.log", dashboard=False)
-    try:
-        _wait_for_head(env, address)
         joined = subprocess.run([str(VENV_BIN / "supsup"), "train",
                                  str(_config(tmp_path, "joined"))],
                                 env={**env, "RAY_ADDRESS": address}, capture_output=True,
@@ -130,6 +122,8 @@ def test_ray_address_joins_and_a_killed_head_is_not_joined_later(ray_env: dict[s
         assert f"joining Ray cluster at {address}" in joined.stderr
     finally:
         stop_group(head, first=signal.SIGKILL)  # killed: it cannot clean up after itself
+    assert MaskRegistry(tmp_path / "registry").tasks("submitted") == [0, 1]
+    assert (tmp_path / "runs" / "submitted" / "evaluation" / "report.json").is_file()
     left = list(ray_env["root"].glob("ray/ray_current_cluster"))
     assert left and address in left[0].read_text()  # the file that used to mislead ray.init
     alone = subprocess.run([str(VENV_BIN / "supsup"), "train", str(_config(tmp_path, "alone"))],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -147,14 +148,20 @@ def test_killed_worker_is_retried_and_bits_match(
     assert registry.verify(config.bank).problems == {}
 
 
+def _run_statuses(config: ExperimentConfig) -> list[str]:
+    with sqlite3.connect(config.run_dir / "mlflow.db") as conn:
+        return sorted(status for (status,) in conn.execute("select status from runs"))
+
+
 def test_killed_driver_resumes_to_identical_bits(
     tmp_path: Path, reference_masks: dict[int, dict[str, bytes]]
 ) -> None:
+    """SIGKILL to the driver and the Ray it started (no clean-up at all): the rerun of the same
+    command stores the missing tasks bit for bit and closes the run the kill left RUNNING."""
     config = make_config(tmp_path, steps=40, group_size=1)
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config.model_dump()))
-    cmd = [sys.executable, "-m", "pipeline", "train", str(path), "--set",
-           "tracking.register_model=false"]
+    cmd = [sys.executable, "-m", "pipeline", "train", str(path)]
     registry = MaskRegistry(config.registry.root)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -174,8 +181,11 @@ def test_killed_driver_resumes_to_identical_bits(
             os.killpg(proc.pid, signal.SIGKILL)
     partial = registry.tasks(config.bank)
     assert 0 < len(partial) < 6
+    assert _run_statuses(config) == ["RUNNING"]  # what a SIGKILL leaves behind
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # the killed train run, closed by the rerun; the rerun's train and register runs
+    assert _run_statuses(config) == ["FINISHED", "FINISHED", "KILLED"]
     assert registry.tasks(config.bank) == list(range(6))
     assert stored_bytes(registry, config.bank) == reference_masks
     report = registry.verify(config.bank)

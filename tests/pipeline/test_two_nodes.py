@@ -81,7 +81,7 @@ class Hosts:
     def down(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                stop_group(proc, seconds=20)
+                stop_group(proc, seconds=5)  # what is left is killed just below
         for ns in self.names.values():
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
