@@ -71,12 +71,17 @@ def main() -> int:
         model = next(m.name for m in client.search_model_versions()
                      if str(m.version) == version and m.run_id in
                      {c.info.run_id for c in children.values()})
+        # The UI's own switch between its GenAI and model-training views (it starts in GenAI
+        # on a new browser profile); the experiment itself is tagged as model training.
+        ml = "?workflowType=machine_learning"
         pages = {
-            "runs.png": f"{server.url}/#/experiments/{exp}/runs",
-            "run.png": f"{server.url}/#/experiments/{exp}/runs/{parent.info.run_id}",
+            "runs.png": f"{server.url}/#/experiments/{exp}/runs{ml}",
+            "run.png": f"{server.url}/#/experiments/{exp}/runs/{parent.info.run_id}{ml}",
+            "register_run.png": (f"{server.url}/#/experiments/{exp}/runs/"
+                                 f"{children['register'].info.run_id}{ml}"),
             "evaluate_run.png": (f"{server.url}/#/experiments/{exp}/runs/"
-                                 f"{children['evaluate'].info.run_id}"),
-            "model_version.png": f"{server.url}/#/models/{model}/versions/{version}",
+                                 f"{children['evaluate'].info.run_id}{ml}"),
+            "model_version.png": f"{server.url}/#/models/{model}/versions/{version}{ml}",
         }
         for file, url in pages.items():
             print(f"{shoot(url, out / file)}  <- {url}  ({name})")

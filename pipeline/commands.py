@@ -238,11 +238,27 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
                                     if summary.model_version else None)
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()}, run_id=parent_id)
         tracker.set_tags({"model_version": summary.model_version or "",
-                          "snapshot": summary.publication.source.snapshot_sha256},
+                          "snapshot": summary.publication.source.snapshot_sha256,
+                          "mlflow.note.content": _run_description(config, summary, report)},
                          run_id=parent_id)
     print_evaluation(report, files)
     where(config, summary.model_version)
     return 0
+
+
+def _run_description(config: Any, summary: Any, report: Any) -> str:
+    """The parent run's description in the MLflow UI: what was run and what it measured."""
+    s = report.summary
+    measured = f"GG {100 * s['accuracy_gg']:.2f}%"
+    if "accuracy_gn" in s:
+        measured += (f", GN {100 * s['accuracy_gn']:.2f}%, task inference "
+                     f"{100 * s['task_inference_accuracy']:.2f}%")
+    model = (f"models:/{config.model_name}/{summary.model_version}" if summary.model_version
+             else "not registered")
+    return (f"`supsup run` of {config.name}: {int(s['tasks'])} tasks of bank {config.bank} "
+            f"({len(summary.trained)} trained now, {len(summary.skipped)} already stored); "
+            f"{measured}; model {model}. The child runs train, register and evaluate hold the "
+            "details.")
 
 
 def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],

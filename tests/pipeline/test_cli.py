@@ -88,6 +88,7 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
     assert trained_on.dataset.name == "mnist-bundled" and len(trained_on.dataset.digest) == 36
     assert evaluated_on.dataset.digest == trained_on.dataset.digest
     assert parent.data.tags["model_version"] == "1"
+    assert "models:/clitest/1" in parent.data.tags["mlflow.note.content"]  # its description
     assert parent.data.metrics["task_inference_accuracy"] >= 0.9
     # the evaluation is on the model version: its logged model's metrics and its description
     mv = client.get_model_version("clitest", "1")
