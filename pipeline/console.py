@@ -33,6 +33,9 @@ _QUIET_LIBRARIES = {
 }
 
 
+_THIRD_PARTY = ("mlflow", "alembic", "urllib3", "ray", "filelock", "py.warnings")
+
+
 class _Terminal(logging.Handler):
     """Writes through tqdm, so a line never lands inside a progress bar; filters by origin."""
 
@@ -63,6 +66,7 @@ class Console:
         self._handlers: list[logging.Handler] = []
         self._buffer: logging.handlers.MemoryHandler | None = None
         self._root_level = logging.root.level
+        self._saved: dict[str, tuple[int, bool, list[logging.Handler]]] = {}
 
     def __enter__(self) -> Console:
         for key, value in _QUIET_LIBRARIES.items():
@@ -78,8 +82,16 @@ class Console:
         root.setLevel(logging.DEBUG if self.verbose else logging.INFO)
         for h in self._handlers:
             root.addHandler(h)
-        for name in ("mlflow", "alembic", "urllib3", "ray", "filelock", "py.warnings"):
-            logging.getLogger(name).setLevel(logging.NOTSET)  # decided by the handlers
+        # A library that installed handlers of its own before this command (MLflow does when
+        # imported first) would print past ours: its records go through ours for the command.
+        self._saved = {}
+        for name in _THIRD_PARTY:
+            lib = logging.getLogger(name)
+            self._saved[name] = (lib.level, lib.propagate, list(lib.handlers))
+            for h in list(lib.handlers):
+                lib.removeHandler(h)
+            lib.setLevel(logging.NOTSET)  # decided by the handlers
+            lib.propagate = True
         logging.captureWarnings(True)
         _console[0] = self
         return self
@@ -91,6 +103,12 @@ class Console:
             h.close()
         self._handlers = []
         root.setLevel(self._root_level)
+        for name, (level, propagate, handlers) in self._saved.items():
+            lib = logging.getLogger(name)
+            lib.setLevel(level)
+            lib.propagate = propagate
+            for h in handlers:
+                lib.addHandler(h)
         logging.captureWarnings(False)
         _console[0] = None
 
