@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             return int(done.exit_code)
         except click.ClickException as err:
             return _usage_error(err)
+        except BrokenPipeError:  # `supsup ... | head`: the reader left; say nothing more
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
         except (KeyboardInterrupt, click.exceptions.Abort):
             if debug:
                 raise

@@ -229,8 +229,12 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
     tracker = open_tracker(config)
     if _special(config, address, tracker):  # these jobs train and evaluate in one go
         return 0
-    # One parent run; the train, register and evaluate runs open inside it: its children.
-    with tracker.run("run", tags={"job": "run", "bank": config.bank}) as parent_id:
+    from pipeline.cluster import ray_session
+
+    # One parent run; the train, register and evaluate runs open inside it: its children. One
+    # Ray session for both jobs: evaluation reuses the workers training warmed up.
+    with tracker.run("run", tags={"job": "run", "bank": config.bank}) as parent_id, \
+            ray_session(config.cluster, address):
         summary = do_train(config, address, tracker)
         report, files = do_evaluate(config, summary.publication.source, address, tracker,
                                     {"train_run_id": summary.run_id or ""},

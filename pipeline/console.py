@@ -3,8 +3,9 @@
 The terminal gets this project's own log lines (INFO; WARNING and up with --quiet; DEBUG with
 --verbose), progress bars, results and errors. Everything else that logs or warns (MLflow,
 alembic, Ray, urllib3, Python warnings) goes to the run folder's `supsup.log` and reaches the
-terminal only from ERROR up, or with --verbose. Records logged before the run folder is known are
-held in memory and written to the file once it is attached, so the file holds the whole command.
+terminal only from ERROR up (from INFO up with --verbose; libraries' DEBUG lines never).
+Records logged before the run folder is known are held in memory and written to the file once
+it is attached, so the file holds the whole command.
 
 The only module that installs logging handlers or draws progress bars.
 """
@@ -67,19 +68,23 @@ class Console:
         self._buffer: logging.handlers.MemoryHandler | None = None
         self._root_level = logging.root.level
         self._saved: dict[str, tuple[int, bool, list[logging.Handler]]] = {}
+        self._own_levels: dict[str, int] = {}
 
     def __enter__(self) -> Console:
         for key, value in _QUIET_LIBRARIES.items():
             os.environ.setdefault(key, value)
         own = logging.DEBUG if self.verbose else logging.WARNING if self.quiet else logging.INFO
-        other = logging.DEBUG if self.verbose else logging.ERROR
+        other = logging.INFO if self.verbose else logging.ERROR
         terminal = _Terminal(own, other)
         # Holds everything until the run folder is known; `attach_file` writes it out.
         self._buffer = logging.handlers.MemoryHandler(100_000, flushLevel=logging.CRITICAL + 1,
                                                       flushOnClose=False)
         self._handlers = [terminal, self._buffer]
         root = logging.getLogger()
-        root.setLevel(logging.DEBUG if self.verbose else logging.INFO)
+        root.setLevel(logging.INFO)  # libraries' DEBUG lines (fonts, git, HTTP) help nobody
+        self._own_levels = {name: logging.getLogger(name).level for name in OWN_LOGGERS}
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG if self.verbose else logging.NOTSET)
         for h in self._handlers:
             root.addHandler(h)
         # A library that installed handlers of its own before this command (MLflow does when
@@ -103,6 +108,8 @@ class Console:
             h.close()
         self._handlers = []
         root.setLevel(self._root_level)
+        for name, level in self._own_levels.items():
+            logging.getLogger(name).setLevel(level)
         for name, (level, propagate, handlers) in self._saved.items():
             lib = logging.getLogger(name)
             lib.setLevel(level)

@@ -94,7 +94,7 @@ def test_run_lookup_and_evaluate_through_mlflow_server_on_postgres(
         with psycopg.connect(host=db.host, port=db.port, user=db.user, dbname=db.database,
                              connect_timeout=10) as conn:
             assert conn.execute("SELECT count(*) FROM runs WHERE experiment_id = %s",
-                                (int(experiment.experiment_id),)).fetchone() == (4,)
+                                (int(experiment.experiment_id),)).fetchone() == (5,)
             assert conn.execute("SELECT version FROM model_versions WHERE name = %s",
                                 (NAME,)).fetchall() == [(1,)]
 

@@ -50,6 +50,8 @@ def test_quiet_keeps_warnings_and_verbose_shows_libraries(
     assert "trained 3 tasks" not in err and "2 of 5 trials failed" in err
     with Console(verbose=True):
         logging.getLogger("alembic").info("Running upgrade a -> b")
-        logging.getLogger("pipeline").debug("group 0..2 posted 0.5")
+        logging.getLogger("matplotlib.font_manager").debug("findfont: score")
+        logging.getLogger("pipeline.jobs").debug("group 0..2 posted 0.5")
     err = capsys.readouterr().err
     assert "Running upgrade a -> b" in err and "group 0..2 posted 0.5" in err
+    assert "findfont" not in err

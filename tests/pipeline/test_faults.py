@@ -1,6 +1,7 @@
-"""Fault injection through the real `supsup` command: every probe ends in one named `error:` line,
-exit code 2 (130 for an interrupt), no traceback, and the registry and MLflow hold exactly what
-they held before (or exactly the tasks finished before the fault); no run is left RUNNING."""
+"""Fault injection through the `supsup` command (the installed one where a fault needs a process
+of its own): every probe ends in one named `error:` line, exit code 2 (130 for an interrupt), no
+traceback, and the registry and MLflow hold exactly what they held before (or exactly the tasks
+finished before the fault); no run is left RUNNING."""
 
 from __future__ import annotations
 
@@ -78,12 +79,26 @@ def _running(folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _in_process(capsys: pytest.CaptureFixture[str], *args: str
+                ) -> subprocess.CompletedProcess[str]:
+    """The command's `main` in this process, on the session's Ray: the same code as the
+    installed command without a process start-up per probe. Faults that need a process of their
+    own (signals, a mount namespace) run the installed command instead."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bank of 4 tasks with model version 1, trained once by the real command."""
+def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bank of 4 tasks with model version 1, trained once by the command."""
+    from pipeline.cli import main
+
     folder = tmp_path_factory.mktemp("faults")
-    done = _supsup("run", str(_config(folder)))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["run", str(_config(folder))]) == 0
     return folder
 
 
@@ -105,15 +120,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bad_values_are_refused_before_anything_is_written(
         trained: Path, options: list[str], named: str,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """In this process (the same `main` as the installed command, minus a start-up per case)."""
-    from pipeline.cli import main
-
     before = _state(trained)
     args = [a for o in options for a in ("--set", o)]
     started = time.monotonic()
-    capsys.readouterr()
-    code = main(["train", str(trained / "probe.yaml"), *args])
-    done = subprocess.CompletedProcess([], code, "", capsys.readouterr().err)
+    done = _in_process(capsys, "train", str(trained / "probe.yaml"), *args)
     assert done.returncode == 2, done.stderr[-3000:]
     assert named in _one_error(done)
     assert time.monotonic() - started < 60  # seconds, not minutes of retries
@@ -122,20 +132,21 @@ def test_bad_values_are_refused_before_anything_is_written(
 
 
 def test_targets_that_cannot_be_written_are_refused_before_anything_is_written(
-        tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for option in (f"registry.root={blocker}", f"registry.root={blocker}/sub",
                    f"output_dir={blocker}"):
-        done = _supsup("train", str(_config(tmp_path)), "--set", option)
+        done = _in_process(capsys, "train", str(_config(tmp_path)), "--set", option)
         assert done.returncode == 2, (option, done.stderr[-2000:])
         assert str(blocker) in _one_error(done)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "probe.yaml"]
 
 
-def test_a_non_finite_loss_stores_nothing_of_its_group(tmp_path: Path) -> None:
-    done = _supsup("train", str(_config(tmp_path, train={"lr": 1e38, "optimizer": "sgd",
-                                                          "log_every": 5})))
+def test_a_non_finite_loss_stores_nothing_of_its_group(
+        ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    done = _in_process(capsys, "train", str(_config(tmp_path, train={
+        "lr": 1e38, "optimizer": "sgd", "log_every": 5})))
     assert done.returncode == 2
     error = _one_error(done)
     assert "became non-finite at step" in error or "are not finite" in error
