@@ -1,0 +1,122 @@
+"""YAML -> a validated, frozen ExperimentConfig: dotted overrides (`--set train.lr=0.01`) are
+applied to the raw YAML before validation, so they are checked exactly like the file; every
+problem is reported with its key path and the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config.experiment import ExperimentConfig
+from pipeline.config.fields import ConfigError
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply `key.path=value` strings (values parsed as YAML) to a raw config mapping."""
+    out = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r}: expected KEY=VALUE, e.g. "
+                              "train.lr=0.01")
+        path, _, text = item.partition("=")
+        keys = path.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"{source}: override {item!r}: the key {path.strip()!r} has an "
+                              "empty part; expected a dotted KEY=VALUE, e.g. train.lr=0.01")
+        try:
+            # safe_load builds plain data only: a tag such as !!python/object is a YAMLError.
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(err).split())
+            raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML "
+                              f"({problem}); write a plain value, e.g. train.lr=0.01, and quote "
+                              "strings") from None
+        out = set_dotted(out, keys, value, f"{source}: override {item!r}")
+    return out
+
+
+def set_dotted(raw: dict[str, Any], keys: list[str], value: Any, where: str) -> dict[str, Any]:
+    """A copy of `raw` with the value at the dotted path `keys` set: the one walker of config
+    paths for overrides, `reduced` scales and sweeps. Sections on the path are copied, never
+    shared with `raw`; ConfigError naming `where` when a value stands where a section should."""
+    out = dict(raw)
+    node = out
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(keys[:i + 1])} is not a section")
+        node[k] = child = dict(child)
+        node = child
+    node[keys[-1]] = value
+    return out
+
+
+def get_dotted(config: BaseModel, path: str) -> Any:
+    """The value of a validated config at a dotted path such as "train.lr"."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        field = (e.get("ctx") or {}).get("field")  # a check across fields names its field
+        loc = [str(p) for p in e["loc"]] + ([field] if field else [])
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = e.get("input")
+            shown = "" if field or isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
+                 overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a raw mapping (plus overrides) into an ExperimentConfig."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    overrides = overrides or []
+    merged = apply_overrides(raw, overrides, source)
+    if merged.get("scale") == "reduced":
+        reduced = merged.get("reduced") or {}
+        if not isinstance(reduced, dict):
+            raise ConfigError(f"{source}: reduced: expected a mapping of dotted keys to values")
+        # The reduced block first, then the command line again, so --set always wins.
+        items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                 for k, v in reduced.items()]
+        items = [i[:-4] if i.endswith("\n...") else i for i in items]
+        merged = apply_overrides(apply_overrides(raw, items, source), overrides, source)
+        merged["reduced"] = {}  # resolved: a dumped config reloads to the same values
+    try:
+        return ExperimentConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Read and validate a YAML experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+    return parse_config(raw, str(path), overrides)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (logged as an artifact; loads back to the same config)."""
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)
