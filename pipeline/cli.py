@@ -7,7 +7,8 @@ Start here:
   supsup COMMAND --help                  what a command takes, with examples
 
 Every failure is one `error:` line saying what to do next (--debug: the traceback). The whole
-log of a command, MLflow's and Ray's lines included, is in its run folder's supsup.log.
+log of a command, MLflow's and Ray's lines included, is in its run folder's supsup.log. The
+options below may also follow the command (`supsup run CONFIG -q`).
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     """The `supsup` command: exit status 0 on success, 1 for a failed check, 2 for an error."""
     from pipeline.console import Console
 
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _global_flags_first(sys.argv[1:] if argv is None else list(argv))
     try:
         ctx = cli.make_context("supsup", args)
     except click.exceptions.Exit as done:  # --help, --version
@@ -267,6 +268,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+_GLOBAL_FLAGS = frozenset({"-q", "--quiet", "-v", "--verbose", "--debug"})
+
+
+def _global_flags_first(args: list[str]) -> list[str]:
+    """`supsup run CONFIG -v` means `supsup -v run CONFIG`: the global flags are taken wherever
+    they are typed (before a `--`, after which everything is an argument)."""
+    end = args.index("--") if "--" in args else len(args)
+    head, tail = args[:end], args[end:]
+    return ([a for a in head if a in _GLOBAL_FLAGS] + [a for a in head if a not in _GLOBAL_FLAGS]
+            + tail)
 
 
 def _usage_error(err: click.ClickException) -> int:

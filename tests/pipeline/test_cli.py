@@ -237,6 +237,17 @@ def test_top_level_help_lists_commands_and_global_flags(
         assert word in text, word
 
 
+def test_global_flags_work_after_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["registry", "ls", "--root", str(tmp_path), "-q"]) == 0
+    assert f"no banks under {tmp_path}" in capsys.readouterr().out
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["lookup", "models:/m@a"]) == 2  # no tracking URI anywhere: one error line
+    assert capsys.readouterr().err.startswith("error: pass --tracking-uri")
+    with pytest.raises(ValueError, match="--tracking-uri"):  # --debug after it: the failure
+        main(["lookup", "models:/m@a", "--debug"])
+
+
 def test_usage_mistakes_are_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
