@@ -89,7 +89,6 @@ class Console:
             root.addHandler(h)
         # A library that installed handlers of its own before this command (MLflow does when
         # imported first) would print past ours: its records go through ours for the command.
-        self._saved = {}
         for name in _THIRD_PARTY:
             lib = logging.getLogger(name)
             self._saved[name] = (lib.level, lib.propagate, list(lib.handlers))

@@ -53,32 +53,28 @@ def poster(board: Any, key: str, min_seconds: float = 0.5) -> Callable[[float], 
 
 
 class BoardReader:
-    """On the driver: finished units plus the posted fractions of running items.
+    """On the driver: the posted fractions of the items still running, in units (tasks).
 
-    `weight(item)` is how many units (tasks) an item counts for; `finish(item)` moves an item
-    from running to finished so its last fraction is not counted twice."""
+    `weight(item)` is how many units an item counts for; `finish(item)` stops counting an item
+    (the caller counts it as done), so its last fraction is never counted twice."""
 
     def __init__(self, board: Any, weight: Callable[[Any], float]) -> None:
         self.board, self.weight = board, weight
-        self.finished = 0.0
         self._running: dict[str, Any] = {}
 
     def start(self, item: Any) -> None:
         self._running[item_key(item)] = item
 
-    def finish(self, item: Any) -> float:
+    def finish(self, item: Any) -> None:
         self._running.pop(item_key(item), None)
-        self.finished += self.weight(item)
-        return self.finished
 
     def poll(self, timeout: float = 5.0) -> float:
-        """Units done now, running items' fractions included (finished only, if the board does
-        not answer within `timeout` seconds)."""
+        """Units of the running items done now (0 if the board does not answer within
+        `timeout` seconds)."""
         import ray
 
         try:
             posted = ray.get(self.board.read.remote(), timeout=timeout)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-            return self.finished
-        running = sum(posted.get(k, 0.0) * self.weight(item) for k, item in self._running.items())
-        return self.finished + running
+            return 0.0
+        return sum(posted.get(k, 0.0) * self.weight(item) for k, item in self._running.items())

@@ -214,12 +214,10 @@ def run_training(
         with probe(registry.root) as name:
             check_shared(registry.root, name, probe_seen)
         board = start_board() if progress else None
-        reader = BoardReader(board, lambda g: len(set(g) - set(stored)))
-        reader.finished = float(len(summary.skipped))
+        reader = BoardReader(board, lambda g: len(set(g) - done))
 
-        def poll() -> None:
-            if progress:
-                progress(reader.poll(), total)
+        def poll() -> None:  # only with a board, i.e. with `progress`
+            progress(len(done & all_set) + reader.poll(), total)  # type: ignore[misc]
 
         def finished(group: list[int], results: list[dict[str, Any]]) -> None:
             reader.finish(group)
