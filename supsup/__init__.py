@@ -11,7 +11,8 @@ from supsup.binding import use_alphas, use_scores, use_task, use_tasks
 from supsup.convert import convert
 from supsup.discovery import DiscoveryConfig, DiscoveryResult, MaskDiscovery, discover
 from supsup.evaluate import TaskEvaluation, evaluate_task, evaluate_tasks, summarize
-from supsup.hopfield import GatedNet, HopfieldReservoir, train_gates
+from supsup.gates import GatedNet, train_gates
+from supsup.hopfield import HopfieldReservoir
 from supsup.inference import InferenceResult, alpha_gradients, infer_task
 from supsup.masks import erdos_renyi_densities, pack_bits, threshold_mask, topk_mask, unpack_bits
 from supsup.networks import NETWORKS, NetworkSpec, SupermaskNet, build_network

@@ -85,7 +85,7 @@ def capacity_counts(config: ExperimentConfig) -> tuple[int, list[int]]:
 
 
 def _net(config: ExperimentConfig, tasks: TaskSet) -> Any:
-    from supsup.hopfield import GatedNet
+    from supsup.gates import GatedNet
 
     return GatedNet(input_shape=tasks.input_shape, hidden=gated_widths(config),
                     num_outputs=config.network.num_outputs, seed=config.seed)
@@ -116,7 +116,7 @@ def train_gates_worker(config_data: dict[str, Any], task_id: int) -> dict[str, A
     """Runs inside a Ray worker: learn one task's gates; returns them packed with metrics."""
     import torch
 
-    from supsup.hopfield import GateTrainConfig, gated_accuracy, train_gates
+    from supsup.gates import GateTrainConfig, gated_accuracy, train_gates
 
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))
@@ -157,7 +157,7 @@ def recall_worker(config_data: dict[str, Any], task_id: int) -> dict[str, Any]:
     the reservoir read from the registry; returns them packed with the descent's record."""
     import torch
 
-    from supsup.hopfield import gated_accuracy
+    from supsup.gates import gated_accuracy
 
     config = ExperimentConfig.model_validate(config_data)
     torch.set_num_threads(worker_threads(config.cluster))

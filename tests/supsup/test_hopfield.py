@@ -8,18 +8,15 @@ import pytest
 import torch
 
 from pipeline.datasets import load_dataset
-from supsup.hopfield import (
+from supsup.gates import (
     GatedNet,
     GateTrainConfig,
-    HopfieldReservoir,
-    capacity_curve,
     gated_accuracy,
     gates_to_pattern,
     pattern_to_gates,
-    random_patterns,
-    recall_rate,
     train_gates,
 )
+from supsup.hopfield import HopfieldReservoir, capacity_curve, random_patterns, recall_rate
 from supsup.layers import signed_constant
 from supsup.tasks import SplitTasks
 
