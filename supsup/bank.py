@@ -352,12 +352,22 @@ class MaskBank:
 
     # -------------------------------------------------------------------------- utilities
     def to(self, device: torch.device | str) -> MaskBank:
-        """Move every tensor to `device` in place; returns self."""
-        self.device = torch.device(device)
-        self._store = {k: v.to(self.device) for k, v in self._store.items()}
-        self._bn_store = {k: v.to(self.device) for k, v in self._bn_store.items()}
-        self._counts = {k: v.to(self.device) for k, v in self._counts.items()}
-        return self
+        """This bank on `device`: itself when it is already there, else a new bank (the original
+        stays where it was, so a bank shared by several users is never moved under them)."""
+        device = torch.device(device)
+        if _device(device) == _device(self.device):
+            return self
+        out = MaskBank.__new__(MaskBank)
+        out.layer_shapes = dict(self.layer_shapes)
+        out.bn_features = dict(self.bn_features)
+        out.device = device
+        out.task_ids = list(self.task_ids)
+        out._row_of = dict(self._row_of)
+        # live rows only: spare capacity is not worth a copy across devices
+        out._store = {k: v.to(device) for k, v in self._packed.items()}
+        out._bn_store = {k: v.to(device) for k, v in self._bn.items()}
+        out._counts = {k: v.to(device) for k, v in self._counts.items()}
+        return out
 
     def subset(self, task_ids: Sequence[int]) -> MaskBank:
         """A new bank of only `task_ids` (e.g. the first t tasks, to replay the paper's curve)."""

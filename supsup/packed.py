@@ -42,6 +42,9 @@ _FIXED_BITS = 30  # |operand| <= 2**30 in fixed point: the top digit never overf
 # Byte columns per block: <= 8192 keeps int32 sums of (int8 plane x int8 digit) products under
 # 2**31 (65,536 terms of at most 2**14).
 _MAX_COLUMNS = 8192
+# Rows per block: `weighted_rows` sums (int8 digit x int8 plane) products over a block's rows,
+# each at most 128 * 128 = 2**14 in magnitude, so at most this many rows keep int32 exact.
+_MAX_ROWS = (2**31 - 1) // (128 * 128)
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def _digit_weights(device: torch.device) -> torch.Tensor:
 def _block_shape(rows: int, nbytes: int, block_bytes: int, min_columns: int) -> tuple[int, int]:
     """(row block, byte columns per block) for `rows` x `nbytes` packed bytes."""
     columns = min(nbytes, _MAX_COLUMNS, max(min_columns, block_bytes // max(1, rows)))
-    return max(1, min(rows, block_bytes // max(1, columns))), max(1, columns)
+    return max(1, min(rows, _MAX_ROWS, block_bytes // max(1, columns))), max(1, columns)
 
 
 def _plane_blocks(

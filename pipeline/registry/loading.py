@@ -67,8 +67,8 @@ def _records(source: BankSource, manifest: dict[str, Any]) -> Iterable[list[Task
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(source: BankSource) -> tuple[MaskBank, NetworkSpec]:
-    return load_bank(source)
+def _cached(source: BankSource, device: str) -> tuple[MaskBank, NetworkSpec]:
+    return load_bank(source, device)
 
 
 def load_bank(source: BankSource, device: torch.device | str = "cpu",
@@ -77,11 +77,11 @@ def load_bank(source: BankSource, device: torch.device | str = "cpu",
 
     BankMismatchError naming the source when the content differs from its hashes or tasks are
     missing; RegistryCorruptError naming the file when a file is damaged. With `cache`, a process
-    (e.g. a Ray worker evaluating many groups) loads each source once.
+    (e.g. a Ray worker evaluating many groups) loads each source once per device and hands
+    every caller the same bank: callers must not change it (`MaskBank.to` makes a new bank).
     """
     if cache:
-        bank, spec = _cached(source)
-        return bank.to(device), spec
+        return _cached(source, str(torch.device(device)))
     manifest = read_manifest(source)
     spec = NetworkSpec.from_dict(manifest["network"])
     shapes = layer_shapes(manifest)

@@ -33,8 +33,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
 
 def _plan(name: str, device: str) -> KernelPlan:
+    """The named plan; on CUDA (no integer kernel at these shapes) "float" is the tiny float plan,
+    so the block loop runs on the device too, and "integer" is skipped rather than run twice."""
+    if device != "cpu" and name == "integer":
+        pytest.skip("CUDA products use float planes: the integer plan is CPU-only")
     plan = CPU_PLANS[name]
-    return kernel_plan(torch.device(device)) if plan is None or device != "cpu" else plan
+    return kernel_plan(torch.device(device)) if plan is None else plan
 
 
 def _packed(k: int, n: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,3 +246,30 @@ def test_nan_and_inf_operands_propagate_like_the_float_reference(plan: str) -> N
     w[3] = float("nan")
     mixed = weighted_rows(packed, None, w, 300, _plan(plan, "cpu"))
     assert torch.equal(mixed.isnan(), (w @ masks.float()).isnan())
+
+
+def test_weighted_rows_stays_exact_past_the_int32_bound_of_one_block() -> None:
+    """Row blocks stop at `_MAX_ROWS`: one taller block of (digit x plane) products would wrap
+    int32. Weights whose top digit is 64 in every row and a full byte (the -128 plane) make each
+    term 2**13, so 300,000 rows in one block would sum past 2**31."""
+    k = supsup.packed._MAX_ROWS + 5
+    plan = KernelPlan(True, 1 << 30, 1 << 18, 8192, 0, 16)  # blocks as tall as the rows allow
+    packed = torch.full((k, 1), 255, dtype=torch.uint8)
+    w = torch.ones(k, dtype=torch.float64)
+    w[0] = 0.999  # not all equal: the digit path, not the exact count of ones
+    got = weighted_rows(packed, None, w, 8, plan)
+    assert torch.allclose(got, torch.full((8,), float(w.sum()), dtype=torch.float64),
+                          rtol=1e-9), got
+
+
+def test_moving_a_bank_leaves_the_original_where_it_was() -> None:
+    """`MaskBank.to` returns a new bank: a shared bank (a test fixture, a cached load) is never
+    moved under another user. `meta` stands in for an accelerator on a CPU-only machine."""
+    shapes = {"fc": (4, 9)}
+    bank = MaskBank(shapes)
+    bank.add(3, {"fc": torch.ones(4, 9)})
+    moved = bank.to("meta")
+    assert moved is not bank and moved.device.type == "meta" and moved.task_ids == [3]
+    assert bank.device.type == "cpu" and bank.packed("fc").device.type == "cpu"
+    assert torch.equal(bank.mask(3, "fc"), torch.ones(4, 9))
+    assert bank.to("cpu") is bank
