@@ -215,7 +215,10 @@ def _special(config: Any, address: str | None, tracker: Any) -> bool:
 
 
 def train(config_path: str, overrides: tuple[str, ...], address: str | None) -> int:
+    from pipeline.jobs.train import check_before_training
+
     config = load(config_path, overrides)
+    check_before_training(config)  # another recipe than the bank's: refused before any write
     tracker = open_tracker(config)
     if _special(config, address, tracker):
         return 0
@@ -225,7 +228,10 @@ def train(config_path: str, overrides: tuple[str, ...], address: str | None) -> 
 
 
 def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> int:
+    from pipeline.jobs.train import check_before_training
+
     config = load(config_path, overrides)
+    check_before_training(config)
     tracker = open_tracker(config)
     if _special(config, address, tracker):  # these jobs train and evaluate in one go
         return 0
@@ -345,10 +351,13 @@ def registry_ls(root: str, bank: str | None) -> int:
 def registry_verify(root: str, bank: str) -> int:
     """0 when every file of the bank checks out, 1 otherwise (each problem on its own line)."""
     from pipeline.registry import MaskRegistry
+    from pipeline.registry.manifest import describe_recipe
 
     report = MaskRegistry(root).verify(bank)
     if report.manifest_problem:
         print(f"{bank}: manifest: {report.manifest_problem}")
+    else:
+        print(f"{bank}: recipe: {describe_recipe(report.recipe)}")
     print(f"{bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems, "
           f"{len(report.foreign)} files that are not the bank's")
     for t, msg in sorted(report.problems.items()):

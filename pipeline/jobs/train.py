@@ -39,6 +39,7 @@ from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.jobs.progress import BoardReader, item_key, poster, start_board
 from pipeline.registry import MaskRegistry, RegistryConflictError
+from pipeline.registry.manifest import check_recipe
 from pipeline.registry.store import probe, probe_seen
 
 log = logging.getLogger(__name__)
@@ -133,20 +134,57 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def train_recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """How this config trains a mask, as the bank's manifest records it: every train setting
+    that changes the trained bits, and none that does not (log points, retries, group sizes
+    and workers in flight; a task's mask never depends on its group, see supsup.train).
+
+    `steps` is left out when `epochs` decides the step count, `momentum` unless the optimiser
+    is SGD (RMSprop and Adam do not read it), and data-parallel workers enter because they
+    multiply the effective batch (pipeline.jobs.distributed)."""
+    t = config.train
+    recipe: dict[str, Any] = {"steps": t.steps} if t.epochs is None else {"epochs": t.epochs}
+    recipe.update(optimizer=t.optimizer, lr=t.lr, schedule=t.schedule,
+                  warmup_steps=t.warmup_steps, batch_size=t.batch_size)
+    if t.optimizer == "sgd":
+        recipe["momentum"] = t.momentum
+    recipe.update(weight_decay=t.weight_decay, precision=t.precision, fused=t.fused,
+                  data_parallel_workers=t.data_parallel_workers)
+    return recipe
+
+
+def check_before_training(config: ExperimentConfig) -> None:
+    """Read-only, before the command writes anything: BankMismatchError when the config's
+    training recipe is not the one the existing bank's masks were trained with (or the bank
+    predates recorded recipes), or when its task files were written under another manifest
+    (e.g. copied in from a bank trained with another recipe). The rest of the identity (seed,
+    network, task family) is checked by `prepare_bank`, which needs the data."""
+    if config.model != "supsup" or config.scenario != "gg_gn":
+        return
+    registry = MaskRegistry(config.registry.root)
+    try:
+        stored = registry.manifest(config.bank)
+    except KeyError:  # a new bank: prepare_bank creates it
+        return
+    check_recipe(stored, train_recipe(config), registry.where(config.bank))
+    registry.source(config.bank)
+
+
 def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
     """Create the bank's manifest, or check the config against it; returns the registry and the
     tasks already stored.
 
     BankMismatchError naming both values when the config differs from the bank (seed, network,
     task family, data set, mask rule), and when stored task files were written under another
-    manifest: they are never adopted, and never retrained over.
+    manifest: they are never adopted, and never retrained over; the training recipe is part
+    of the manifest (`train_recipe`).
     """
     tasks = build_tasks(config)
     spec = build_spec(config, tasks)
     net = build_net(spec)
     registry = MaskRegistry(config.registry.root)
     registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
-                         config.mask_info())
+                         config.mask_info(), train_recipe(config))
     return registry, list(registry.source(config.bank).task_ids)
 
 

@@ -38,6 +38,7 @@ from pipeline.registry.manifest import (
     ADVICE,
     LEGACY_MANIFEST_FILE,
     MANIFEST_FILE,
+    RECIPE,
     BankMismatchError,
     RegistryCorruptError,
     build_manifest,
@@ -81,6 +82,7 @@ class VerifyReport:
     foreign: list[str] = field(default_factory=list)
     temporary: list[str] = field(default_factory=list)
     manifest_problem: str | None = None
+    recipe: dict[str, Any] | None = None  # how the masks were trained; None: not recorded
     reservoir: bool = False
     reservoir_problem: str | None = None
 
@@ -149,15 +151,19 @@ class MaskRegistry:
     def create_bank(self, bank: str, network_spec: Mapping[str, Any] | NetworkSpec,
                     layer_shapes: Mapping[str, Sequence[int]],
                     bn_features: Mapping[str, int] | None,
-                    mask_info: Mapping[str, Any]) -> dict[str, Any]:
+                    mask_info: Mapping[str, Any], recipe: Mapping[str, Any] | None = None,
+                    *, exact_recipe: bool = False) -> dict[str, Any]:
         """Write the bank's manifest, or check an existing one; returns the bank's manifest.
 
         BankMismatchError naming each differing value when the bank exists with another network,
-        seed, layers or mask rule. A bank folder that holds task files (or a reservoir) but no
-        manifest is refused: those files are never adopted under a new manifest.
+        seed, layers or mask rule, or (given a training `recipe`) was trained with another recipe
+        or before recipes were recorded; `exact_recipe` also refuses a bank with a recipe when
+        none is given (see `check_matches`). A bank folder that holds task files (or a
+        reservoir) but no manifest is refused: those files are never adopted under a new
+        manifest.
         """
         wanted = build_manifest(check_bank_name(bank), network_spec, layer_shapes, bn_features,
-                                mask_info)
+                                mask_info, recipe)
         path = self.store.join(bank, MANIFEST_FILE)
         if not self.store.exists(path):
             self._refuse_orphans(bank)
@@ -166,7 +172,7 @@ class MaskRegistry:
                 logger.info("created bank %r in %s", bank, self.root)
             self._manifests.pop(bank, None)
         stored = self.manifest(bank)
-        check_matches(stored, wanted, self.where(bank))
+        check_matches(stored, wanted, self.where(bank), exact_recipe=exact_recipe)
         return stored
 
     def _refuse_orphans(self, bank: str) -> None:
@@ -334,7 +340,7 @@ class MaskRegistry:
         report = VerifyReport(bank, [], {}, foreign, temporary)
         try:
             self._manifests.pop(bank, None)
-            self.manifest(bank)
+            report.recipe = self.manifest(bank).get(RECIPE)
         except (RegistryCorruptError, KeyError) as exc:
             report.manifest_problem = str(exc.args[0] if isinstance(exc, KeyError) else exc)
             return report

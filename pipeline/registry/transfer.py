@@ -239,7 +239,8 @@ def import_file(registry: MaskRegistry, path: str | os.PathLike[str],
     manifest, records = iter_export(os.fspath(path))
     target = bank or manifest["bank"]
     registry.create_bank(target, manifest["network"], layer_shapes(manifest),
-                         manifest["bn_features"], manifest["mask"])
+                         manifest["bn_features"], manifest["mask"], manifest.get("recipe"),
+                         exact_recipe=True)
     written: list[int] = []
     unchanged: list[int] = []
     for rec in records:
