@@ -3,7 +3,8 @@
 Every section is a pydantic model with extra="forbid", so an unknown key or a bad value is an
 error that names the key path and the file. `fields` holds the strict value types and name
 checks, `sections` the sections, `experiment` the whole config and what jobs derive from it,
-`loading` the YAML, the dotted overrides and the error messages.
+`loading` the YAML, the dotted overrides and the error messages, `strict_yaml` the YAML reader
+that refuses duplicate keys and runaway aliases.
 """
 
 from pipeline.config.experiment import (
@@ -13,7 +14,7 @@ from pipeline.config.experiment import (
     SweepSection,
     flatten,
 )
-from pipeline.config.fields import ConfigError, Float, Int, PositiveInt, TaskId
+from pipeline.config.fields import ConfigError, Float, Int, PositiveInt, TaskId, shown
 from pipeline.config.loading import (
     apply_overrides,
     dump_config,
@@ -41,5 +42,5 @@ __all__ = [
     "EvaluateSection", "ExperimentConfig", "Float", "HopfieldSection", "Int", "NetworkSection",
     "PositiveInt", "RegistrySection", "SweepDomain", "SweepScheduler", "SweepSection", "TaskId",
     "TasksSection", "TrackingSection", "TrainSection", "apply_overrides", "dump_config",
-    "flatten", "get_dotted", "load_config", "parse_config", "set_dotted",
+    "flatten", "get_dotted", "load_config", "parse_config", "set_dotted", "shown",
 ]

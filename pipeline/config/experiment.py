@@ -26,6 +26,11 @@ from pipeline.config.sections import (
 from supsup.networks import NetworkSpec
 from supsup.train import TrainConfig
 
+# Training fields only the supermask job (model supsup, scenario gg_gn) acts on: (field, default,
+# the default as written in YAML).
+_SUPERMASK_ONLY = (("precision", "fp32", "fp32"), ("fused", False, "false"),
+                   ("data_parallel_workers", 1, "1"))
+
 
 class SweepDomain(Section):
     """Where one swept config field takes its values: exactly one of the four kinds."""
@@ -171,6 +176,27 @@ class ExperimentConfig(Section):
                             "registry.bank is unset)")
             except ValueError as err:
                 raise field_error("name", str(err)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _no_ignored_training_fields(self) -> ExperimentConfig:
+        """The baselines, discovery and the Hopfield reservoir train in float32 with torch.optim
+        in one process: a bf16, fused or data-parallel setting would be ignored without a word,
+        and the run would not be the one asked for."""
+        if self.model != "supsup":
+            job = f"model {self.model!r} (a baseline)"
+        elif self.scenario != "gg_gn":
+            job = f"scenario {self.scenario!r}"
+        else:
+            return self
+        for name, default, written in _SUPERMASK_ONLY:
+            value = getattr(self.train, name)
+            if value != default:
+                value = str(value).lower() if isinstance(value, bool) else value
+                raise field_error(f"train.{name}", (
+                    f"{job} ignores train.{name} (it trains in float32, unfused, in one "
+                    f"process), but it is set to {value}; set train.{name}: {written} or "
+                    "remove it, or train the supermasks with model: supsup and scenario: gg_gn"))
         return self
 
     # ------------------------------------------------------------------ derived settings

@@ -9,6 +9,7 @@ folders or MLflow names cannot climb out of their folder or break a `models:/NAM
 from __future__ import annotations
 
 import re
+import reprlib
 import unicodedata
 from typing import Annotated, Any
 
@@ -18,6 +19,20 @@ from pydantic_core import PydanticCustomError
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the file and the key."""
+
+
+# An error line shows a value, never all of it: a pasted array or a YAML file of nested aliases
+# would otherwise turn one line into megabytes. reprlib stops at these sizes while it writes, so
+# even a huge value costs little to show.
+MAX_SHOWN = 200
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, MAX_SHOWN, MAX_SHOWN, 60
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """repr of `value` for an error line: at most `limit` characters, cut with '...'."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def whole_number(value: Any) -> Any:

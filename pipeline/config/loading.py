@@ -12,7 +12,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.experiment import ExperimentConfig
-from pipeline.config.fields import ConfigError
+from pipeline.config.fields import MAX_SHOWN, ConfigError, shown
+from pipeline.config.strict_yaml import read_yaml
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
@@ -20,22 +21,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     out = dict(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{source}: override {item!r}: expected KEY=VALUE, e.g. "
+            raise ConfigError(f"{source}: override {shown(item)}: expected KEY=VALUE, e.g. "
                               "train.lr=0.01")
         path, _, text = item.partition("=")
         keys = path.strip().split(".")
         if not all(keys):
-            raise ConfigError(f"{source}: override {item!r}: the key {path.strip()!r} has an "
-                              "empty part; expected a dotted KEY=VALUE, e.g. train.lr=0.01")
+            raise ConfigError(f"{source}: override {shown(item)}: the key {shown(path.strip())} "
+                              "has an empty part; expected a dotted KEY=VALUE, e.g. "
+                              "train.lr=0.01")
+        where = f"{source}: override {shown(item)}"
         try:
-            # safe_load builds plain data only: a tag such as !!python/object is a YAMLError.
-            value = yaml.safe_load(text)
+            # Plain data only: a tag such as !!python/object is a YAMLError.
+            value = read_yaml(text, where)
         except yaml.YAMLError as err:
-            problem = " ".join(str(err).split())
-            raise ConfigError(f"{source}: override {item!r}: the value is not valid YAML "
-                              f"({problem}); write a plain value, e.g. train.lr=0.01, and quote "
-                              "strings") from None
-        out = set_dotted(out, keys, value, f"{source}: override {item!r}")
+            raise ConfigError(f"{where}: the value is not valid YAML ({_problem(err)}); write a "
+                              "plain value, e.g. train.lr=0.01, and quote strings") from None
+        out = set_dotted(out, keys, value, where)
     return out
 
 
@@ -63,18 +64,27 @@ def get_dotted(config: BaseModel, path: str) -> Any:
     return value
 
 
+def _problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line, its quoted snippet of the text cut to a bounded length."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 2 * MAX_SHOWN else text[:2 * MAX_SHOWN - 3] + "..."
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         field = (e.get("ctx") or {}).get("field")  # a check across fields names its field
         loc = [str(p) for p in e["loc"]] + ([field] if field else [])
         key = ".".join(loc) or "(top level)"
+        if len(key) > MAX_SHOWN:
+            key = key[:MAX_SHOWN - 3] + "..."
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
         else:
             got = e.get("input")
-            shown = "" if field or isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {e['msg']}{shown}")
+            value = "" if field or isinstance(got, (dict, BaseModel)) else f" (got {shown(got)})"
+            msg = e["msg"] if len(e["msg"]) <= 2 * MAX_SHOWN else e["msg"][:2 * MAX_SHOWN] + "..."
+            lines.append(f"{source}: {key}: {msg}{value}")
     return "\n".join(lines)
 
 
@@ -109,11 +119,17 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: its values are nested too deeply") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config file: {err}") from None
+    if raw is None:
+        # An empty file would otherwise be every default: a 10-task experiment nobody asked for.
+        raise ConfigError(f"{path}: the config file is empty (or only comments); write the "
+                          "settings of the experiment, e.g. start from configs/quickstart.yaml")
     return parse_config(raw, str(path), overrides)
 
 

@@ -129,6 +129,14 @@ class TrainSection(Section):
         if self.fused and self.rule != "threshold":
             raise field_error("fused", "train.fused builds masks by the threshold rule; set "
                                "train.fused: false for rule 'topk'")
+        if self.fused and self.data_parallel_workers > 1:
+            # The ranks average the gradients of the score parameters; the fused step puts its
+            # gradients on effective weights of its own, so no rank would see the others'.
+            raise field_error("fused", (
+                f"cannot be true with train.data_parallel_workers="
+                f"{self.data_parallel_workers}: the data-parallel ranks average score gradients, "
+                "which the fused step never forms, so each rank would train alone; set "
+                "train.fused: false, or train.data_parallel_workers: 1"))
         return self
 
 

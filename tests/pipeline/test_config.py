@@ -313,3 +313,111 @@ def test_params_hold_only_the_sections_in_use() -> None:
     assert not any(k.startswith(("discovery.", "hopfield.", "sweep.", "reduced")) for k in plain)
     nns = parse_config({"name": "p", "scenario": "nns"}).flat_params()
     assert "discovery.batches_per_task" in nns and not any(k.startswith("hopfield.") for k in nns)
+
+
+# ----------------------------------------------------------- silent combinations, strict YAML
+def test_fused_with_data_parallel_workers_is_refused_saying_what_to_set() -> None:
+    with pytest.raises(ConfigError, match=r"exp\.yaml: train\.fused: cannot be true with "
+                                          r"train\.data_parallel_workers=2: .*each rank would "
+                                          r"train alone; set train\.fused: false, or "
+                                          r"train\.data_parallel_workers: 1"):
+        parse_config({"train": {"fused": True, "data_parallel_workers": 2}}, "exp.yaml")
+    # Each alone is fine, and one rank with the fused step is the single-process job.
+    assert parse_config({"train": {"fused": True, "data_parallel_workers": 1}}).train.fused
+    assert parse_config({"train": {"data_parallel_workers": 2}}).train.data_parallel_workers == 2
+
+
+@pytest.mark.parametrize("job", [{"model": "dense"}, {"model": "batchensemble"},
+                                 {"model": "psp"}, {"scenario": "nns"},
+                                 {"scenario": "hopfield"}])
+@pytest.mark.parametrize("field, value, written", [("precision", "bf16", "fp32"),
+                                                   ("fused", True, "false"),
+                                                   ("data_parallel_workers", 2, "1")])
+def test_training_fields_a_job_ignores_are_refused_by_name(job: dict, field: str, value: Any,
+                                                           written: str) -> None:
+    kind = next(iter(job.values()))
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: train\.{field}: .*'{kind}'.* ignores "
+                                          rf"train\.{field} .*set train\.{field}: {written} or "
+                                          "remove it"):
+        parse_config({**job, "train": {field: value}}, "exp.yaml")
+    # Left at its default, the field is no problem for that job.
+    assert getattr(parse_config(job).train, field) != value
+
+
+def test_an_empty_config_file_is_refused(tmp_path: Path) -> None:
+    for text in ("", "\n", "# only a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml: the config file is empty \(or only "
+                                              r"comments\); write the settings"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("name: a\ntrain: {steps: 3}\nname: b\n", "name", (1, 3)),
+    ("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.01\n", "train.lr", (2, 4)),
+    ("sweep:\n  space:\n    train.lr: {grid: [0.1]}\n    train.lr: {grid: [0.2]}\n",
+     "sweep.space.train.lr", (3, 4)),
+])
+def test_a_duplicate_key_is_refused_naming_key_lines_and_file(tmp_path: Path, text: str,
+                                                              key: str, lines: tuple) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"dup\.yaml: duplicate key '{re.escape(key)}' "
+                                          rf"\(lines {lines[0]} and {lines[1]}\)"):
+        load_config(path)
+
+
+def test_a_merge_may_still_be_overridden_by_its_own_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("train: {<<: {steps: 3, lr: 0.1}, lr: 0.01}\n")
+    config = load_config(path)
+    assert (config.train.steps, config.train.lr) == (3, 0.01)
+
+
+def _nested_aliases(levels: int) -> str:
+    """A few hundred bytes whose aliases expand to 9**levels values ("billion laughs")."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    names = "abcdefghijklmnop"
+    for prev, name in zip(names, names[1:levels]):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    lines.append(f"train: *{names[levels - 1]}")
+    return "\n".join(lines) + "\n"
+
+
+def test_nested_aliases_are_refused_in_one_short_line(tmp_path: Path) -> None:
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_nested_aliases(9))
+    assert path.stat().st_size < 500
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert re.fullmatch(rf"{re.escape(str(path))}: its aliases \(\*name\) expand to more than "
+                        r"100,000 values \(at line \d+\); .*", message)
+    assert "\n" not in message and len(message) < 1000
+
+
+def test_values_in_error_lines_are_shortened(tmp_path: Path) -> None:
+    # Below the alias bound, the structure is still far too big to print whole.
+    path = tmp_path / "laughs.yaml"
+    path.write_text(_nested_aliases(4))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = str(caught.value).splitlines()
+    assert any(line.startswith(f"{path}: train: Input should be") for line in lines)
+    assert all(len(line) < 1000 for line in lines)
+    huge = "9" * 100_000
+    with pytest.raises(ConfigError, match=r"train\.steps: .*\(got '9+\.\.\.9+'\)") as caught:
+        parse_config({}, "exp.yaml", [f"train.steps='{huge}'"])
+    assert len(str(caught.value)) < 1000
+    with pytest.raises(ConfigError) as caught:
+        parse_config({}, "exp.yaml", [f"{huge}=1"])
+    assert len(str(caught.value)) < 1000
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("train: &t {steps: 3, more: *t}\n")
+    with pytest.raises(ConfigError, match=r"loop\.yaml: line 1: an alias refers to the value "
+                                          "that contains it"):
+        load_config(path)
