@@ -129,7 +129,10 @@ def describe_recipe(recipe: Mapping[str, Any] | None) -> str:
     precision=fp32 fused=false"; says so when the bank predates recorded recipes."""
     if recipe is None:
         return "not recorded (the bank was written before training recipes were recorded)"
-    return " ".join(f"{_RECIPE_SHORT.get(k, k)}={json.dumps(v)}" for k, v in recipe.items())
+    def text(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, (bool, type(None))) else str(v)
+
+    return " ".join(f"{_RECIPE_SHORT.get(k, k)}={text(v)}" for k, v in recipe.items())
 
 
 def layer_shapes(manifest: Mapping[str, Any]) -> dict[str, list[int]]:

@@ -419,3 +419,124 @@ def test_concurrent_writers_of_one_task_exactly_one_wins(tmp_path: Path, lenet: 
     assert_one_winner_each(reg, outcomes)
     assert sorted(os.listdir(tmp_path / "b" / "tasks")) == [
         f"task-{t:07d}.parquet" for t in RACED_TASKS]
+
+
+RECIPE = {"steps": 20, "optimizer": "rmsprop", "lr": 1e-4, "batch_size": 128,
+          "precision": "fp32", "fused": False}
+
+
+def _old_format_hash(manifest: dict[str, Any]) -> str:
+    """The manifest hash as it was computed before recipes were recorded."""
+    import hashlib
+
+    core = {k: manifest[k] for k in ("format", "network", "layer_shapes", "bn_features", "mask")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_the_recipe_enters_the_manifest_hash_only_when_recorded(
+        tmp_path: Path, lenet: tuple) -> None:
+    net = lenet[0]
+    reg = MaskRegistry(tmp_path)
+    args = (net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    old = reg.create_bank("old", *args)
+    new = reg.create_bank("new", *args, RECIPE)
+    other = reg.create_bank("other", *args, {**RECIPE, "steps": 10})
+    assert "recipe" not in old and new["recipe"] == RECIPE
+    assert old["manifest_sha256"] == _old_format_hash(old)  # old banks keep their hash
+    hashes = {old["manifest_sha256"], new["manifest_sha256"], other["manifest_sha256"]}
+    assert len(hashes) == 3
+    on_disk = json.loads((tmp_path / "new" / "_manifest.json").read_text())
+    assert on_disk["recipe"] == RECIPE
+
+
+def test_another_recipe_is_refused_naming_both_values_and_a_new_bank(
+        tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    reg = MaskRegistry(tmp_path)
+    args = (net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    reg.create_bank("b", *args, RECIPE)
+    reg.write_task("b", 0, _pack(masks[0]))
+    before = _files(tmp_path)
+    with pytest.raises(BankMismatchError, match=(
+            r"bank 'b' in .* was trained with another recipe: train.lr: bank has 0.0001, given "
+            r"0.001; train.steps: bank has 20, given 10\. .*--set registry.bank=b-lr0.001")):
+        reg.create_bank("b", *args, {**RECIPE, "steps": 10, "lr": 1e-3})
+    assert reg.create_bank("b", *args, RECIPE)["recipe"] == RECIPE
+    assert reg.create_bank("b", *args)["recipe"] == RECIPE  # evaluation does not compare it
+    assert _files(tmp_path) == before
+
+
+def test_a_bank_written_before_recipes_loads_verifies_and_is_not_grown(
+        tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    reg = MaskRegistry(tmp_path)
+    (tmp_path / "old").mkdir()
+    old_manifest = {  # the manifest format as written before recipes were recorded
+        "format": 2, "bank": "old", "network": net.spec.to_dict(),
+        "layer_shapes": {f"{k}.weight": list(s) for k, s in net.layer_shapes().items()},
+        "bn_features": {}, "mask": MASK_INFO, "created": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / "old" / "_manifest.json").write_text(json.dumps(old_manifest, indent=1))
+    for t in (0, 1):
+        reg.write_task("old", t, _pack(masks[t]))
+    source = reg.source("old")
+    assert source.manifest_sha256 == _old_format_hash(old_manifest)
+    bank, _ = load_bank(source)
+    assert bank.task_ids == [0, 1]
+    report = reg.verify("old")
+    assert report.all_ok and report.ok == [0, 1] and report.recipe is None
+    before = _files(tmp_path)
+    args = (net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    with pytest.raises(BankMismatchError, match=(
+            r"bank 'old' in .* was written before training recipes were recorded, so how its "
+            r"masks were trained is unknown .*--set registry.bank=old-v2")):
+        reg.create_bank("old", *args, RECIPE)
+    assert reg.create_bank("old", *args)["manifest_sha256"] == source.manifest_sha256
+    assert _files(tmp_path) == before
+
+
+def test_a_task_file_of_a_bank_with_another_recipe_is_never_adopted(
+        tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    args = (net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    mine, theirs = MaskRegistry(tmp_path / "mine"), MaskRegistry(tmp_path / "theirs")
+    mine.create_bank("b", *args, RECIPE)
+    theirs.create_bank("b", *args, {**RECIPE, "steps": 10})  # same name, seed and network
+    mine.write_task("b", 0, _pack(masks[0]))
+    theirs.write_task("b", 1, _pack(masks[1]))
+    copied = _task_file(tmp_path / "mine", "b", 1)
+    copied.write_bytes(_task_file(tmp_path / "theirs", "b", 1).read_bytes())
+    report = mine.verify("b")
+    assert not report.all_ok and report.ok == [0]
+    assert str(copied) in report.problems[1] and "written under manifest" in report.problems[1]
+    with pytest.raises(BankMismatchError, match=r"the task files of tasks \[1\] were written"):
+        mine.source("b")
+    with pytest.raises(RegistryCorruptError, match=str(copied)):
+        mine.read_task("b", 1)
+
+
+def test_an_import_keeps_recipes_apart(tmp_path: Path, lenet: tuple) -> None:
+    net, masks = lenet
+    args = (net.spec, net.layer_shapes(), net.bn_features(), MASK_INFO)
+    src = MaskRegistry(tmp_path / "src")
+    src.create_bank("b", *args, RECIPE)
+    src.write_task("b", 0, _pack(masks[0]))
+    src.create_bank("old", *args)
+    src.write_task("old", 0, _pack(masks[0]))
+    with_recipe = export_bank(src, "b", tmp_path / "b.parquet")
+    export_bank(src, "old", tmp_path / "old.parquet")
+    dest = MaskRegistry(tmp_path / "dest")
+    assert import_file(dest, tmp_path / "b.parquet").written == [0]
+    assert dest.manifest("b")["recipe"] == RECIPE
+    assert dest.source("b").snapshot_sha256 == with_recipe.snapshot_sha256
+    with pytest.raises(BankMismatchError, match="the masks given record no recipe"):
+        import_file(dest, tmp_path / "old.parquet", "b")
+    other = MaskRegistry(tmp_path / "other")
+    other.create_bank("b", *args, {**RECIPE, "steps": 10})
+    with pytest.raises(BankMismatchError, match="train.steps: bank has 10, given 20"):
+        import_file(other, tmp_path / "b.parquet")
+    assert dest.tasks("b") == [0] and other.tasks("b") == []
