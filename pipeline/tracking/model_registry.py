@@ -3,9 +3,13 @@ turn a model version back into the BankSource it pins.
 
 A version is registered per distinct content: its tag `supsup.snapshot` is the bank's snapshot
 hash, and registering content that a version of the model already holds registers nothing (the
-alias moves to that version, or is kept). Two drivers registering the same content at once both
-end on the lowest such version; the other is deleted. Versions are found by alias
-(`models:/NAME@ALIAS`) or number (`models:/NAME/VERSION`); stages are not used.
+alias moves to that version, or is kept), unless that version can no longer load: when its
+artifacts lost their model.json or their embedded bank file, the content is registered again as a
+new version, which the aliases move to (the broken version is tagged `supsup.unloadable`). Two
+drivers registering the same content at once both end on the lowest such version; the other is
+deleted. Versions are found by alias (`models:/NAME@ALIAS`) or number (`models:/NAME/VERSION`);
+stages are not used. The tag `supsup.model_json` is the sha256 of the version's model.json,
+which loading checks.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from pipeline.tracking.pyfunc import (
     BANK_FILE,
     MODEL_FORMAT,
     MODEL_JSON,
+    MODEL_JSON_KEY,
     MODEL_KIND,
     check_inference_defaults,
     code_paths,
+    file_sha256,
     input_normalization,
     model_code_path,
     pip_requirements,
@@ -57,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "supsup."
 SNAPSHOT_TAG = f"{TAG_PREFIX}snapshot"
+MODEL_JSON_TAG = f"{TAG_PREFIX}model_json"  # sha256 of the version's model.json
+UNLOADABLE_TAG = f"{TAG_PREFIX}unloadable"  # why a version's artifacts can no longer load
 RESERVED_ALIAS = "latest"  # MLflow reserves it: models:/NAME/latest is always the newest version
 _ALIAS = re.compile(r"[\w-]+")
 
@@ -106,17 +114,50 @@ def _version_tags(source: BankSource, spec: NetworkSpec, embedded: bool,
     }
 
 
-def _holding(client: MlflowClient, name: str, source: BankSource) -> list[int]:
-    """Versions of model `name` that hold exactly `source`'s content (bank and snapshot)."""
+def _holding(client: MlflowClient, name: str, source: BankSource,
+             tracking_uri: str) -> list[int]:
+    """Versions of model `name` that hold exactly `source`'s content (bank and snapshot) and
+    can still load it; a version whose artifacts lost a file is tagged `supsup.unloadable` and
+    left out."""
     try:
         versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
     except MlflowException as exc:
         if is_missing(exc):
             return []
         raise
-    return sorted(int(mv.version) for mv in versions
-                  if (mv.tags or {}).get(SNAPSHOT_TAG) == source.snapshot_sha256
-                  and (mv.tags or {}).get(f"{TAG_PREFIX}bank") == source.bank)
+    held = []
+    for mv in versions:
+        tags = mv.tags or {}
+        if (tags.get(SNAPSHOT_TAG) != source.snapshot_sha256
+                or tags.get(f"{TAG_PREFIX}bank") != source.bank):
+            continue
+        problem = _missing_artifacts(client, mv, tracking_uri)
+        if problem is None:
+            held.append(int(mv.version))
+            continue
+        logger.warning("models:/%s/%s holds %s but cannot load it: %s; registering the bank "
+                       "again", name, mv.version, source.describe(), problem)
+        if tags.get(UNLOADABLE_TAG) != problem:
+            client.set_model_version_tag(name, mv.version, UNLOADABLE_TAG, problem)
+    return sorted(held)
+
+
+def _missing_artifacts(client: MlflowClient, mv: Any, tracking_uri: str) -> str | None:
+    """What a version's artifacts lack to load (model.json, the embedded bank file), or None."""
+    needed = [MODEL_JSON] + ([BANK_FILE] if (mv.tags or {}).get(
+        f"{TAG_PREFIX}embedded") == "true" else [])
+    location = client.get_model_version_download_uri(mv.name, str(mv.version))
+    try:
+        found = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/artifacts", tracking_uri=tracking_uri)}
+    except (MlflowException, OSError) as exc:
+        found = set()
+        logger.debug("listing the artifacts of models:/%s/%s failed: %s", mv.name, mv.version,
+                     exc)
+    missing = [n for n in needed if n not in found]
+    if not missing:
+        return None
+    return f"its artifact {', '.join(missing)} is gone from {location}/artifacts"
 
 
 def register_bank(
@@ -152,12 +193,12 @@ def register_bank(
     spec = NetworkSpec.from_dict(manifest["network"])
     if bank_file is not None:
         _check_bank_file(Path(bank_file), source)
-    held = _holding(client, model_name, source)
+    held = _holding(client, model_name, source, tracker.tracking_uri)
     created = not held
     if created:
         version = _log_and_create(tracker, run_id, model_name, source, spec, manifest, defaults,
                                   bank_file, tags)
-        held = _holding(client, model_name, source)
+        held = _holding(client, model_name, source, tracker.tracking_uri)
         if held and held[0] < version:  # another driver registered this content first
             client.delete_model_version(model_name, str(version))
             logger.info("models:/%s/%d already held this bank; dropped the duplicate version %d",
@@ -201,9 +242,12 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
         "inference_defaults": defaults, "embedded": bank_file is not None,
         "input": input_normalization(manifest["mask"].get("dataset")),
     }
+    if "recipe" in manifest:
+        info["recipe"] = manifest["recipe"]
     with tempfile.TemporaryDirectory(prefix="supsup-model-") as tmp:
         info_path = Path(tmp) / MODEL_JSON
         info_path.write_text(json.dumps(info, indent=1))
+        digest = file_sha256(info_path)
         artifacts = {"model_json": str(info_path)}
         if bank_file is not None:
             copy = Path(tmp) / BANK_FILE  # the artifact keeps its file name: fix it
@@ -219,6 +263,7 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 name="model", python_model=model_code_path(), artifacts=artifacts,
                 signature=signature(spec, defaults),
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
+                model_config={MODEL_JSON_KEY: digest},
             )
             try:
                 try:
@@ -229,7 +274,8 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 mv = client.create_model_version(
                     model_name, model_info.model_uri, run_id=run_id,
                     model_id=model_info.model_id,
-                    tags=_version_tags(source, spec, bank_file is not None, tags))
+                    tags={**_version_tags(source, spec, bank_file is not None, tags),
+                          MODEL_JSON_TAG: digest})
             except BaseException:
                 # A logged model that no version holds is litter: remove it (best effort).
                 with contextlib.suppress(Exception):

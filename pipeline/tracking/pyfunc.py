@@ -14,6 +14,7 @@ model therefore never unpickles anything, and what it computes is the reviewed s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -135,6 +136,28 @@ def code_paths() -> list[str]:
     return [str(Path(supsup.__file__).parent), str(Path(pipeline.__file__).parent)]
 
 
+MODEL_JSON_KEY = "model_json_sha256"  # in the logged model's model_config
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (model.json is small: read whole)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_model_json(path: str | os.PathLike[str], recorded: str | None) -> None:
+    """ValueError naming model.json when its bytes are not the ones logged with the model (the
+    hash MLflow keeps in the model's config, beside the version's `supsup.model_json` tag): an
+    edited description (another input mean, another bank) would load and answer wrongly."""
+    if recorded is None:  # logged before model descriptions were hashed
+        return
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise ValueError(
+            f"{path}: {MODEL_JSON} hashes to {actual[:12]}, but the model was registered with "
+            f"{recorded[:12]}; its description was edited after registration, so the model is "
+            "refused (restore model.json, or register the bank again)")
+
+
 class SupSupModel(mlflow.pyfunc.PythonModel):
     """A registered mask bank: infers each input's task, then classifies with that task's mask.
 
@@ -151,6 +174,8 @@ class SupSupModel(mlflow.pyfunc.PythonModel):
         """Rebuild the base network from its seed, and load exactly the registered masks: from the
         embedded bank file, or from the registry, which must still hold the pinned snapshot."""
         quiet()
+        check_model_json(context.artifacts["model_json"],
+                         (context.model_config or {}).get(MODEL_JSON_KEY))
         info = read_model_json(context.artifacts["model_json"])
         self.info = info
         self.source = model_bank_source(info, context.artifacts.get("bank"))

@@ -22,11 +22,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.bank_source import BankSource
 from pipeline.paths import resolve_tracking_uri
 from pipeline.registry import BankMismatchError, load_bank
+from pipeline.registry.manifest import describe_recipe
 from pipeline.tracking.client import client_for, is_missing
-from pipeline.tracking.model_registry import RESERVED_ALIAS, SNAPSHOT_TAG
+from pipeline.tracking.model_registry import MODEL_JSON_TAG, RESERVED_ALIAS, SNAPSHOT_TAG
 from pipeline.tracking.pyfunc import (
     BANK_FILE,
     MODEL_JSON,
+    file_sha256,
     model_bank_source,
     read_model_json,
 )
@@ -180,7 +182,9 @@ def lookup(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     mv = _model_version(client, model_uri, uri)
     version = int(mv.version)
     with tempfile.TemporaryDirectory(prefix="supsup-lookup-") as tmp:
-        info = read_model_json(_download(client, uri, mv.name, version, MODEL_JSON, tmp))
+        path = _download(client, uri, mv.name, version, MODEL_JSON, tmp)
+        info = read_model_json(path)
+        digest = file_sha256(path)
     source = info["source"]
     return {
         "model_uri": f"models:/{mv.name}/{version}", "name": mv.name, "version": version,
@@ -188,6 +192,7 @@ def lookup(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         "network": info["network"], "bank": source["bank"], "registry_root": source["root"],
         "snapshot": source["snapshot_sha256"], "tasks": source["task_ids"],
         "source": source, "embedded": info["embedded"], "mask": info.get("mask", {}),
+        "recipe": describe_recipe(info.get("recipe")), "model_json_sha256": digest,
         "inference_defaults": info["inference_defaults"],
         "description": mv.description or "",
         "lineage": _lineage(client, mv.name, version, mv.run_id),
@@ -211,6 +216,13 @@ def model_source(model_uri: str, tracking_uri: str, download_dir: str | Path
             f"version was registered with snapshot {registered[:12]}; the model's artifacts were "
             "replaced after registration, so it is refused (restore them, or delete the version "
             "and register the bank again)")
+    recorded = info["tags"].get(MODEL_JSON_TAG)
+    if recorded is not None and recorded != info["model_json_sha256"]:
+        raise BankMismatchError(
+            f"{info['model_uri']}: its {MODEL_JSON} hashes to {info['model_json_sha256'][:12]}, "
+            f"but the version was registered with {recorded[:12]}; the model's description was "
+            "edited after registration, so it is refused (restore it, or delete the version and "
+            "register the bank again)")
     bank_file = None
     if info["embedded"]:
         uri = resolve_tracking_uri(tracking_uri)
