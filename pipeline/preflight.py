@@ -55,6 +55,7 @@ def check_before_side_effects(config: ExperimentConfig, *, available: int | None
     """ValueError naming the key, the place and what to do, for a run that would fail later:
 
     - the labels of the data set do not fit the tasks or the network's outputs;
+    - output_dir is (inside) a local registry.root, or registry.root is the run folder;
     - the run folder (output_dir/name), the SQLite tracking store or the bank's folder under a
       local registry.root cannot be created or written (a regular file in the way, a folder
       that is not writable, a name that climbs out of its folder);
@@ -71,6 +72,7 @@ def check_before_side_effects(config: ExperimentConfig, *, available: int | None
         _check_database(Path(db))
     root = local_registry_root(config.registry.root)
     if root is not None:
+        _check_apart(config, root)
         bank_key = "registry.bank" if config.registry.bank else "name"
         _check_inside(root, config.bank, "registry.root", bank_key)
         _check_creatable(root / config.bank, f"registry.root {root}: the bank folder")
@@ -126,6 +128,24 @@ def _check_inside(parent: str | Path, name: str, parent_key: str, name_key: str)
     if Path(os.path.abspath(base / name)).parent != base:
         raise ValueError(f"{name_key} {name!r} would leave {parent_key} {base}: use a plain "
                          "folder name (letters, digits, '.', '_' and '-')")
+
+
+def _check_apart(config: ExperimentConfig, root: Path) -> None:
+    """The run folders (MLflow store, logs, reports) never go inside the mask registry, nor the
+    registry's banks into the run folder itself: a bank folder would then hold files that are
+    not its own, and `registry verify` would fail on them."""
+    reg = Path(os.path.abspath(root))
+    out = Path(os.path.abspath(config.output_dir))
+    run = Path(os.path.abspath(config.run_dir))
+    if out == reg or reg in out.parents:
+        raise ValueError(f"output_dir {out} is inside registry.root {reg} (or is it): run "
+                         "folders, MLflow stores and logs would land among the banks; choose an "
+                         "output_dir outside registry.root, e.g. the default runs with "
+                         "registry.root runs/registry")
+    if run == reg:
+        raise ValueError(f"registry.root {reg} is the run folder (output_dir/name): banks and "
+                         "the run's MLflow store, logs and reports would share one folder; "
+                         "choose another registry.root, e.g. output_dir/registry")
 
 
 def _check_creatable(path: Path, what: str) -> None:

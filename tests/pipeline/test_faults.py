@@ -226,3 +226,105 @@ def test_an_interrupted_run_is_marked_killed_and_ray_is_shut_down(
     leftovers = subprocess.run(["pgrep", "-f", f"session.*{proc.pid}"], capture_output=True,
                                text=True).stdout.split()
     assert leftovers == []  # the local Ray the command started is gone with it
+
+
+def test_an_output_dir_inside_the_registry_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "registry"
+    config = _config(tmp_path)
+    for option, named in ((f"output_dir={root}", f"output_dir {root} is inside registry.root"),
+                          (f"output_dir={root / 'runs'}", "is inside registry.root"),
+                          (f"registry.root={tmp_path / 'runs' / 'probe'}",
+                           "is the run folder (output_dir/name)")):
+        done = _in_process(capsys, "train", str(config), "--set", option)
+        assert done.returncode == 2, (option, done.stderr[-2000:])
+        assert named in _one_error(done), option
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
+
+
+def test_a_task_file_of_a_bank_trained_with_other_steps_is_refused(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same bank name, seed and network, trained with other steps in another registry: its
+    task file copied into the bank is named by verify and refused by train."""
+    import shutil
+
+    other = ["--set", f"registry.root={tmp_path / 'other'}", "--set", "train.steps=10",
+             "--set", "tasks.num_tasks=2", "--set", f"output_dir={tmp_path / 'other-runs'}"]
+    assert _in_process(capsys, "train", str(trained / "probe.yaml"), *other).returncode == 0
+    root = tmp_path / "registry"
+    shutil.copytree(trained / "registry", root)
+    copied = root / "probe" / "tasks" / "task-0000001.parquet"
+    copied.write_bytes((tmp_path / "other" / "probe" / "tasks" / copied.name).read_bytes())
+    before = _state(root)
+    done = _in_process(capsys, "registry", "verify", "probe", "--root", str(root))
+    assert done.returncode == 1
+    assert f"task 1: {copied}: written under manifest" in done.stdout, done.stdout
+    assert "recipe: steps=20 optimizer=rmsprop" in done.stdout
+    runs = tmp_path / "runs"
+    done = _in_process(capsys, "train", str(trained / "probe.yaml"), "--set",
+                       f"registry.root={root}", "--set", f"output_dir={runs}")
+    assert done.returncode == 2
+    assert "the task files of tasks [1] were written for another bank or task, or under " \
+           "another manifest" in _one_error(done)
+    assert _state(root) == before and not runs.exists()
+
+
+def _artifact(folder: Path, name: str) -> Path:
+    [path] = list((folder / "runs" / "probe" / "mlartifacts").rglob(name))
+    return path
+
+
+def test_a_version_whose_bank_file_was_deleted_is_registered_again(
+        ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.tracking import load_bank_from_model
+
+    config_path = _config(tmp_path, tasks={"num_tasks": 2}, train={"steps": 5})
+    uri = load_config(str(config_path)).tracking_uri
+    assert _in_process(capsys, "train", str(config_path)).returncode == 0
+    _artifact(tmp_path, "bank.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="has no artifact 'bank.parquet'"):
+        load_bank_from_model("models:/probe@champion", uri)
+    before = _state(tmp_path / "registry")
+    done = _in_process(capsys, "train", str(config_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    versions = {int(mv.version): mv for mv in client.search_model_versions("name = 'probe'")}
+    assert sorted(versions) == [1, 2]
+    assert "bank.parquet is gone" in versions[1].tags["supsup.unloadable"]
+    assert int(client.get_model_version_by_alias("probe", "champion").version) == 2
+    bank, _ = load_bank_from_model("models:/probe@champion", uri)
+    assert bank.task_ids == [0, 1]
+    assert _state(tmp_path / "registry") == before  # the masks were never touched
+    assert _in_process(capsys, "train", str(config_path)).returncode == 0  # now a no-op
+    assert len(client.search_model_versions("name = 'probe'")) == 2
+
+
+def test_an_edited_model_description_is_refused_at_load(
+        ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import mlflow
+
+    from pipeline.config import load_config
+
+    config_path = _config(tmp_path, tasks={"num_tasks": 2}, train={"steps": 5})
+    uri = load_config(str(config_path)).tracking_uri
+    assert _in_process(capsys, "train", str(config_path)).returncode == 0
+    model_json = _artifact(tmp_path, "model.json")
+    info = json.loads(model_json.read_text())
+    info["input"]["mean"] = [0.9]
+    model_json.write_text(json.dumps(info, indent=1))
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.raises(ValueError, match=r"model\.json hashes to .* edited after "
+                                             r"registration, so the model is refused"):
+            mlflow.pyfunc.load_model("models:/probe/1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    done = _in_process(capsys, "evaluate", "models:/probe/1", "--tracking-uri", uri)
+    assert done.returncode == 2
+    assert "models:/probe/1: its model.json hashes to" in _one_error(done)
