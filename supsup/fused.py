@@ -7,8 +7,8 @@ through memory. Here the whole tail of a step is one function per layer,
 
     grad = dL/dW_eff * W  ->  optimiser update of the scores  ->  next W_eff = W * [scores >= 0],
 
-compiled by torch.compile (inductor fuses it into one loop) or, where compilation is unavailable,
-run as the same function eagerly. The matmuls read W_eff as a leaf tensor in the compute dtype
+compiled by torch.compile (inductor fuses it into one loop) or, where compilation fails, run as
+the same function eagerly. The matmuls read W_eff as a leaf tensor in the compute dtype
 (bfloat16 under `precision="bf16"`: 0/1 masks times +-c are exact up to the rounding of c), so a
 step never casts weights. Scores and optimiser state stay float32: updates of lr ~ 1e-4 would
 vanish in bfloat16.
@@ -111,11 +111,21 @@ def _compiled(optimizer: str) -> Callable[..., torch.Tensor]:
     return torch.compile(_EAGER[optimizer], dynamic=True)
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (no C++ compiler, no Triton, an operator
+    it cannot lower), as opposed to what the compiled step raises while it runs."""
+    from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, InductorError
+    from torch._inductor import exc as inductor
+
+    return (TorchDynamoException, inductor.CppCompileError, inductor.InvalidCxxCompiler)
+
+
 class FusedStep:
     """Optimiser state and effective weights of one training group, stepped by fused kernels.
 
     `compile=False`, or a failed compilation (no C++ compiler, no Triton), runs the same step
-    functions eagerly; `kernel` says which ran, and why not compiled when it fell back.
+    functions eagerly; `kernel` says which ran, and why not compiled when it fell back. Only a
+    compilation failure falls back: an error while a step runs is raised as it is.
     """
 
     def __init__(self, net: SupermaskNet, scores: TaskScores, *, optimizer: str, lr: float,
@@ -186,7 +196,11 @@ class FusedStep:
         if self.kernel == "compiled":
             try:
                 return _compiled(self.optimizer)(*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: same math, eagerly
+            except _compile_errors() as exc:
+                # Raised while tracing or compiling, before the step touched a value: the same
+                # math runs eagerly. Anything else (an error of the step itself, out of memory)
+                # may come after the in-place update and is raised: rerunning would apply the
+                # update twice.
                 self.kernel = f"eager (compilation failed: {type(exc).__name__})"
         return _EAGER[self.optimizer](*args)
 
