@@ -3,7 +3,8 @@
 Plain context managers, not pytest fixtures, so a test, a benchmark or a shell session can use
 them alike. Each one binds 127.0.0.1 only (run under /work/shared/offline-run), finds a free port
 by binding port 0, and stops what it started by PID and removes its folders on the way out, also
-when starting failed halfway.
+when starting failed halfway. A watchdog process (tests/pipeline/watchdog.py) stands beside each
+server and stops it when the process that started it dies without its finalizers (SIGKILL).
 
 PostgreSQL refuses to run as root, so when the tests run as root the cluster belongs to `nobody`
 and lives in a folder of the system temp dir (pytest's tmp_path is private to root).
@@ -22,11 +23,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+CI_TAG = "SUPSUP_CI_TAG"  # set by .ci/run; every server carries it, so CI finds what is left
 PG_USER = "mlflow"  # the cluster's superuser (initdb -U), trusted on loopback
 _UNPRIVILEGED = "nobody"
 
@@ -143,7 +147,10 @@ def postgres(database: str = "mlflow", user: str = PG_USER,
     root = Path(tempfile.mkdtemp(prefix="supsup-pg-"))
     data_dir, sock_dir, log = root / "data", root / "sock", root / "postgres.log"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC",
-           "HOME": str(root), "PGCONNECT_TIMEOUT": "10"}
+           "HOME": str(root), "PGCONNECT_TIMEOUT": "10",
+           **{k: v for k, v in os.environ.items() if k == CI_TAG}}
+    # pg_ctl puts the postmaster in a session of its own: the watchdog stops it by its PID
+    watchdog = start_watchdog(pidfile=data_dir / "postmaster.pid", remove=[root])
     try:
         sock_dir.mkdir()
         if as_root:
@@ -167,6 +174,7 @@ def postgres(database: str = "mlflow", user: str = PG_USER,
             _stop_postgres(bin_dir / "pg_ctl", data_dir, owner, env)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+            end_watchdog(watchdog)
 
 
 @dataclass(frozen=True)
@@ -179,25 +187,69 @@ class MlflowServer:
     log: Path
 
 
+def start_watchdog(group: int | None = None, pidfile: Path | None = None,
+                   remove: Sequence[Path] = ()) -> subprocess.Popen[bytes]:
+    """Start tests/pipeline/watchdog.py for `group`, the PID in `pidfile` and folders to remove:
+    it stops them when this process closes the pipe (end_watchdog) or dies. Keep the returned
+    handle referenced while the server runs: collecting it closes the pipe."""
+    args = [sys.executable, str(WATCHDOG), "--parent", str(os.getpid())]
+    if group is not None:
+        args += ["--group", str(group)]
+    if pidfile is not None:
+        args += ["--pidfile", str(pidfile)]
+    for folder in remove:
+        args += ["--remove", str(folder)]
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            start_new_session=True)  # out of reach of a signal to our group
+
+
+def end_watchdog(watchdog: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    """Close the watchdog's pipe (it stops what is left of its server, normally nothing) and
+    wait for it; SIGKILL if it does not end within `seconds`."""
+    if watchdog.stdin is not None:
+        with contextlib.suppress(OSError):
+            watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait(timeout=seconds)
+
+
+class Guarded(subprocess.Popen[bytes]):
+    """A server process in a session of its own (so stop_group stops it with its children) and
+    a watchdog that stops that group if this process dies first. Takes Popen's arguments."""
+
+    def __init__(self, args: Sequence[str], **kwargs: Any) -> None:
+        kwargs["start_new_session"] = True
+        super().__init__(args, **kwargs)
+        self.watchdog = start_watchdog(group=self.pid)
+
+
 def stop_group(proc: subprocess.Popen[bytes], seconds: float = 15,
                first: int = signal.SIGTERM) -> None:
     """`first` (SIGTERM) to the process group `proc` leads (started with start_new_session),
-    SIGKILL to what is left after `seconds`: servers and `ray start` have children."""
+    SIGKILL to what is left after `seconds`: servers and `ray start` have children. A Guarded
+    process's watchdog is ended too."""
     pgid = proc.pid  # start_new_session: the group id is the leader's pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, first)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    try:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    proc.wait(timeout=seconds)
+            os.killpg(pgid, first)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        proc.wait(timeout=seconds)
+    finally:
+        if isinstance(proc, Guarded):
+            end_watchdog(proc.watchdog)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path,
@@ -235,11 +287,11 @@ def mlflow_server(backend_store_uri: str, workdir: str | os.PathLike[str],
     env.pop("MLFLOW_TRACKING_URI", None)
     mlflow = Path(sys.executable).parent / "mlflow"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
+        proc = Guarded(
             [str(mlflow), "server", "--backend-store-uri", backend_store_uri,
              "--artifacts-destination", str(artifacts), "--host", HOST, "--port", str(port),
              "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     url = f"http://{HOST}:{port}"
     try:
         wait_healthy(url, proc, log_path)
@@ -261,10 +313,10 @@ def model_server(model_uri: str, tracking_uri: str,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow = bin_dir / "mlflow"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
+        proc = Guarded(
             [str(mlflow), "models", "serve", "-m", model_uri, "--env-manager", "local",
              "--host", HOST, "--port", str(port), "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     url = f"http://{HOST}:{port}"
     try:
         wait_healthy(url, proc, log_path, seconds=180)
