@@ -169,3 +169,86 @@ def test_a_config_that_is_not_the_banks_is_refused(
             assert main([command, grown["exp"], *args]) == 2, (command, options)
             assert named in capsys.readouterr().err
     assert _versions(grown["config"]) == [1, 2]
+
+
+RECIPE_LINE = ("steps=20 optimizer=rmsprop lr=0.0001 schedule=constant warmup=0 batch=128 wd=0.0 "
+               "precision=fp32 fused=false workers=1")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _run_count(config: Any) -> int:
+    client = MlflowClient(config.tracking_uri)
+    return len(client.search_runs([client.get_experiment_by_name(config.experiment_name)
+                                   .experiment_id]))
+
+
+def test_verify_and_lookup_show_the_recipe(
+        grown: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    config = grown["config"]
+    capsys.readouterr()
+    assert main(["registry", "verify", "ident", "--root", config.registry.root]) == 0
+    assert f"ident: recipe: {RECIPE_LINE}\n" in capsys.readouterr().out
+    assert main(["lookup", "models:/ident@champion", "--tracking-uri", config.tracking_uri]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == RECIPE_LINE
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_training_with_another_recipe_is_refused_before_anything_is_written(
+        grown: dict[str, Any], capsys: pytest.CaptureFixture[str], command: str) -> None:
+    config = grown["config"]
+    root = Path(config.registry.root)
+    before, runs = _files(root), _run_count(config)
+    for options, named, bank in (
+            (["train.steps=10"], "train.steps: bank has 20, given 10", "ident-steps10"),
+            (["train.precision=bf16", "train.lr=0.001"],
+             "train.lr: bank has 0.0001, given 0.001; train.precision: bank has fp32, given bf16",
+             "ident-lr0.001"),
+            (["train.epochs=1"], "train.epochs: bank has <absent>, given 1.0; train.steps: bank "
+                                 "has 20, given <absent>", "ident-epochs1.0")):
+        capsys.readouterr()
+        args = [a for o in ["tasks.num_tasks=4", *options] for a in ("--set", o)]
+        assert main([command, grown["exp"], *args]) == 2, options
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bank 'ident' in {root} was trained with another recipe: "
+                              f"{named}. Use the bank's recipe ({RECIPE_LINE}), or train into "
+                              f"a new bank instead: --set registry.bank={bank} "), err
+        assert len(err.strip().splitlines()) == 1, err
+    assert _files(root) == before  # the same task files, byte for byte
+    assert _run_count(config) == runs and _versions(config) == [1, 2]
+
+
+def test_a_bank_from_before_recipes_loads_verifies_and_is_not_grown(
+        grown: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bank whose manifest is in the format written before recipes were recorded (its task
+    files written under that manifest's hash) keeps working, and is never trained into."""
+    src = MaskRegistry(grown["config"].registry.root)
+    manifest = src.manifest("ident")
+    root = tmp_path / "registry"
+    (root / "ident").mkdir(parents=True)
+    old = {k: manifest[k] for k in ("format", "bank", "network", "layer_shapes", "bn_features",
+                                     "mask", "created")}
+    (root / "ident" / "_manifest.json").write_text(json.dumps(old, indent=1))
+    legacy = MaskRegistry(root)
+    for t in (0, 1):
+        rec = src.read_task("ident", t)
+        legacy.write_task("ident", t, rec.packed, rec.bn_stats or None, rec.metadata)
+    where = ["--set", f"registry.root={root}", "--set", f"output_dir={tmp_path / 'runs'}"]
+    capsys.readouterr()
+    assert main(["registry", "verify", "ident", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "ident: recipe: not recorded" in out and "2 tasks ok, 0 with problems" in out
+    assert main(["evaluate", grown["exp"], *where]) == 0
+    assert "over 2 tasks" in capsys.readouterr().out
+    before = _files(root)
+    for extra in ([], ["--set", "tasks.num_tasks=4"]):
+        assert main(["train", grown["exp"], *where, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bank 'ident' in {root} was written before training "
+                              "recipes were recorded, so how its masks were trained is "
+                              "unknown"), err
+        assert "--set registry.bank=ident-v2" in err
+    assert _files(root) == before
