@@ -12,11 +12,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
-from pipeline.config import ClusterSection
+from pipeline.config import ClusterSection, shown
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,54 @@ def cluster_address(cluster: ClusterSection, address: str | None = None) -> str 
     return address or cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
+# Seconds to wait for the cluster's port to accept a connection: a live head answers in
+# milliseconds, even across a data centre; without this check ray.init retries for minutes.
+CONNECT_TIMEOUT = 5.0
+# Ray's default ports: the head's GCS, and the Ray Client server of ray:// addresses.
+GCS_PORT, CLIENT_PORT = 6379, 10001
+
+
+def _where_from(cluster: ClusterSection, address: str | None) -> str:
+    if address:
+        return "--address"
+    return "cluster.address" if cluster.address else "RAY_ADDRESS"
+
+
+def check_address(cluster: ClusterSection, address: str | None = None,
+                  timeout: float = CONNECT_TIMEOUT) -> None:
+    """ValueError unless the cluster to join accepts a TCP connection on its port: the GCS port
+    of HOST:PORT, the client port of ray://HOST:PORT. Nothing to check for a new local Ray or
+    "auto" (Ray finds the cluster this machine belongs to)."""
+    target = cluster_address(cluster, address)
+    if not target or target in ("auto", "local"):
+        return
+    if "://" in target and not target.startswith("ray://"):
+        return  # a client scheme of a Ray plugin: its own library connects
+    where = _where_from(cluster, address)
+    client = target.startswith("ray://")
+    rest = target[len("ray://"):] if client else target
+    default = CLIENT_PORT if client else GCS_PORT
+    try:
+        parts = urlsplit(f"//{rest}")
+        host, port, path = parts.hostname, parts.port or default, parts.path
+    except ValueError:  # a port that is not a number, or out of range
+        host, port, path = None, default, ""
+    if not host or path not in ("", "/"):
+        raise ValueError(f"{where} {shown(target)} is not a Ray address: write HOST:PORT (the "
+                         f"head's GCS port, {GCS_PORT} by default), ray://HOST:PORT (Ray Client, "
+                         f"{CLIENT_PORT} by default) or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        what = "Ray Client server" if client else "Ray cluster (GCS)"
+        raise ValueError(
+            f"cannot reach the {what} at {shown(target)} ({where}): {reason}. Start the "
+            f"cluster (`ray start --head` on {shown(host)}), or pass the address of a running "
+            "one with --address, or leave --address, cluster.address and RAY_ADDRESS unset to "
+            "start a local Ray") from None
+
+
 @contextlib.contextmanager
 def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator[dict[str, Any]]:
     """Start (or join) Ray for the duration of a job; yields the cluster's resources.
@@ -59,6 +109,7 @@ def ray_session(cluster: ClusterSection, address: str | None = None) -> Iterator
 
         target = cluster_address(cluster, address)
         if target:
+            check_address(cluster, address)  # ray.init would retry for minutes
             log.info("joining Ray cluster at %s", target)
         with native_stderr_to_log():
             if target:

@@ -30,14 +30,17 @@ def load(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     return load_config(config_path, list(overrides))
 
 
-def open_tracker(config: Any) -> Any:
-    """The experiment's Tracker, made only once the whole config and its targets check out
-    (nothing is written before); runs that a killed earlier command left RUNNING are closed.
-    From here on the command's log goes to the run folder's supsup.log."""
+def open_tracker(config: Any, address: str | None = None) -> Any:
+    """The experiment's Tracker, made only once the whole config and its targets (the Ray
+    cluster to join included) check out (nothing is written before); runs that a killed earlier
+    command left RUNNING are closed. From here on the command's log goes to the run folder's
+    supsup.log."""
+    from pipeline.cluster import check_address
     from pipeline.preflight import check_before_side_effects
     from pipeline.tracking import Tracker
 
     check_before_side_effects(config)
+    check_address(config.cluster, address)
     tracker = Tracker(config.tracking_uri, config.experiment_name)  # checks the server answers
     config.run_dir.mkdir(parents=True, exist_ok=True)
     attach_log_file(config.run_dir)
@@ -219,7 +222,7 @@ def train(config_path: str, overrides: tuple[str, ...], address: str | None) -> 
 
     config = load(config_path, overrides)
     check_before_training(config)  # another recipe than the bank's: refused before any write
-    tracker = open_tracker(config)
+    tracker = open_tracker(config, address)
     if _special(config, address, tracker):
         return 0
     summary = do_train(config, address, tracker)
@@ -232,7 +235,7 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
 
     config = load(config_path, overrides)
     check_before_training(config)
-    tracker = open_tracker(config)
+    tracker = open_tracker(config, address)
     if _special(config, address, tracker):  # these jobs train and evaluate in one go
         return 0
     from pipeline.cluster import ray_session
@@ -290,14 +293,15 @@ def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
                                       f"{target} (config.yaml of run {info['run_id']})",
                                       list(overrides))
             tags = {"model_uri": target, "model_version": str(info["version"])}
-            report, files = do_evaluate(config, source, address, open_tracker(config), tags,
+            report, files = do_evaluate(config, source, address, open_tracker(config, address),
+                                        tags,
                                         model=(info["name"], int(info["version"])))
     else:
         from pipeline.registry import MaskRegistry
 
         config = load(target, overrides)
         source = MaskRegistry(config.registry.root).source(config.bank)
-        report, files = do_evaluate(config, source, address, open_tracker(config))
+        report, files = do_evaluate(config, source, address, open_tracker(config, address))
     print_evaluation(report, files)
     return 0
 
@@ -307,12 +311,13 @@ def resolve_tracking_uri(tracking_uri: str | None, config_path: str | None = Non
     """--tracking-uri, else the config's, else MLFLOW_TRACKING_URI; an error line otherwise."""
     import os
 
-    if tracking_uri:
-        return tracking_uri
-    if config_path:
-        return str(load(config_path, overrides).tracking_uri)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    from pipeline.preflight import check_store_exists
+
+    uri = (tracking_uri or (str(load(config_path, overrides).tracking_uri) if config_path
+                            else None) or os.environ.get("MLFLOW_TRACKING_URI"))
+    if uri:
+        check_store_exists(uri, "this command")  # reads only: never creates an empty store
+        return uri
     raise ValueError("pass --tracking-uri URI (or --config CONFIG, or set MLFLOW_TRACKING_URI) "
                      "so the model registry can be found")
 
@@ -333,8 +338,10 @@ def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
 
 
 def registry_ls(root: str, bank: str | None) -> int:
+    from pipeline.preflight import check_registry_exists
     from pipeline.registry import MaskRegistry
 
+    check_registry_exists(root)
     registry = MaskRegistry(root)
     banks = [bank] if bank else registry.banks()
     if not banks:

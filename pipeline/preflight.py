@@ -320,3 +320,29 @@ def _check_memory(config: ExperimentConfig, available: int | None) -> None:
         f"({MEMORY_FRACTION:.0%} of the {_size(available)} available on this machine); lower "
         f"tasks.num_tasks to at most {estimate.tasks_within(limit):,} or run on a machine with "
         "more memory")
+
+
+# ----------------------------------------------------------------------------- reading only
+def check_store_exists(uri: str, command: str) -> None:
+    """ValueError when a read-only command (lookup, evaluating a models:/ URI) names a SQLite
+    tracking store that does not exist: opening it would create the folder and an empty
+    database, and the command would answer from nothing ("registered models: none")."""
+    db = sqlite_path(uri)
+    if db is None or db.is_file():
+        return
+    what = "is a folder, not a SQLite file" if db.is_dir() else "does not exist"
+    raise ValueError(
+        f"tracking database {os.path.abspath(db)} {what}; {command} reads the MLflow store that "
+        "registered the model: pass its --tracking-uri, e.g. sqlite:///runs/NAME/mlflow.db as "
+        "`supsup train` printed it")
+
+
+def check_registry_exists(root: str) -> None:
+    """ValueError when a local registry root to be read is not a folder (an object store is
+    checked by the registry itself when it opens it)."""
+    folder = local_registry_root(root)
+    if folder is None or folder.is_dir():
+        return
+    what = "is a file, not a folder" if folder.exists() else "does not exist"
+    raise ValueError(f"registry root {os.path.abspath(folder)} {what}; pass the folder the "
+                     "banks were trained into with --root (registry.root of the config)")

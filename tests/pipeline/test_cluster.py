@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cluster import cluster_address, fits, remote_options, worker_slots
+from pipeline.cluster import check_address, cluster_address, fits, remote_options, worker_slots
 from pipeline.config import ClusterSection
 
 
@@ -54,3 +54,24 @@ def test_the_address_comes_from_the_flag_the_config_or_ray_address(
     assert cluster_address(ClusterSection()) == "10.0.0.1:6379"
     assert cluster_address(ClusterSection(address="head:6379")) == "head:6379"
     assert cluster_address(ClusterSection(address="head:6379"), "other:1") == "other:1"
+
+
+def test_a_cluster_to_join_must_accept_a_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_address(ClusterSection(), f"127.0.0.1:{port}")
+        check_address(ClusterSection(address=f"ray://127.0.0.1:{port}"))
+    with pytest.raises(ValueError, match=rf"cannot reach the Ray cluster \(GCS\) at "
+                                         rf"'127\.0\.0\.1:{port}' \(RAY_ADDRESS\): "):
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        check_address(ClusterSection())
+    monkeypatch.delenv("RAY_ADDRESS")
+    for address in (None, "auto", "local"):  # a new local Ray, or Ray finds its own cluster
+        check_address(ClusterSection(address=address))
+    with pytest.raises(ValueError, match=r"--address 'head:port' is not a Ray address"):
+        check_address(ClusterSection(), "head:port")

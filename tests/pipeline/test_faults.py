@@ -328,3 +328,105 @@ def test_an_edited_model_description_is_refused_at_load(
     done = _in_process(capsys, "evaluate", "models:/probe/1", "--tracking-uri", uri)
     assert done.returncode == 2
     assert "models:/probe/1: its model.json hashes to" in _one_error(done)
+
+
+# ------------------------------------------- probes of silent combinations and unbounded output
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme, named", [("", "Ray cluster (GCS)"),
+                                           ("ray://", "Ray Client server")])
+def test_a_ray_address_where_nothing_listens_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], scheme: str, named: str) -> None:
+    address = f"{scheme}127.0.0.1:{_free_port()}"
+    for command in ("train", "run"):
+        done = _in_process(capsys, command, str(_config(tmp_path)), "--address", address)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert _one_error(done) == (
+            f"error: cannot reach the {named} at '{address}' (--address): Connection refused. "
+            "Start the cluster (`ray start --head` on '127.0.0.1'), or pass the address of a "
+            "running one with --address, or leave --address, cluster.address and RAY_ADDRESS "
+            "unset to start a local Ray")
+    done = _in_process(capsys, "train", str(_config(tmp_path, cluster={"address": address})))
+    assert f"at '{address}' (cluster.address)" in _one_error(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
+
+
+def test_read_only_commands_refuse_a_missing_sqlite_store_and_create_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "a" / "missing" / "dir" / "x.db"
+    for args in (["lookup", "models:/probe@champion"], ["evaluate", "models:/probe/1"]):
+        done = _in_process(capsys, *args, "--tracking-uri", f"sqlite:///{db}")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert _one_error(done) == (
+            f"error: tracking database {db} does not exist; this command reads the MLflow store "
+            "that registered the model: pass its --tracking-uri, e.g. "
+            "sqlite:///runs/NAME/mlflow.db as `supsup train` printed it")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_registry_ls_of_a_missing_root_is_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere"
+    done = _in_process(capsys, "registry", "ls", "--root", str(missing))
+    assert done.returncode == 2
+    assert _one_error(done) == (f"error: registry root {missing} does not exist; pass the folder "
+                                "the banks were trained into with --root (registry.root of the "
+                                "config)")
+    assert not missing.exists()
+    missing.mkdir()  # an existing, empty registry is no error: it holds no banks yet
+    done = _in_process(capsys, "registry", "ls", "--root", str(missing))
+    assert done.returncode == 0 and f"no banks under {missing}" in done.stdout
+
+
+@pytest.mark.parametrize("text, named", [
+    ("", "the config file is empty (or only comments)"),
+    ("# nothing here\n", "the config file is empty (or only comments)"),
+    ("name: probe\ntasks: {num_tasks: 2}\nname: other\n", "duplicate key 'name' (lines 1 and 3)"),
+    ("name: probe\ntrain:\n  steps: 5\n  lr: 0.1\n  steps: 50\n",
+     "duplicate key 'train.steps' (lines 3 and 5)"),
+])
+def test_an_empty_file_or_a_duplicate_key_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str) -> None:
+    path = tmp_path / "probe.yaml"
+    path.write_text(text)
+    done = _in_process(capsys, "train", str(path))
+    assert done.returncode == 2
+    assert _one_error(done).startswith(f"error: {path}: {named}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
+
+
+def test_a_file_of_nested_aliases_gives_one_short_error_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A few hundred bytes of nested aliases once printed a 34.7 MB error line."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join([*lines, "train: *i"]) + "\n")
+    assert path.stat().st_size < 500
+    done = _in_process(capsys, "train", str(path))
+    assert done.returncode == 2
+    error = _one_error(done)
+    assert "expand to more than 100,000 values" in error
+    assert len(done.stderr.encode()) < 1024 and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("set_model, field", [("model=dense", "train.precision=bf16"),
+                                              ("model=psp", "train.fused=true"),
+                                              ("scenario=nns", "train.precision=bf16"),
+                                              ("scenario=nns", "train.fused=true")])
+def test_training_fields_a_job_would_ignore_are_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], set_model: str, field: str) -> None:
+    config = _config(tmp_path, network={"name": "fc", "hidden": [16]})
+    done = _in_process(capsys, "train", str(config), "--set", set_model, "--set", field)
+    assert done.returncode == 2
+    name = field.split("=")[0]
+    assert f"{name}: " in _one_error(done) and f"ignores {name}" in _one_error(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
