@@ -42,6 +42,8 @@ def publish_bank(config: ExperimentConfig, tracker: Any, run_id: str | None) -> 
         source = export_bank(registry, config.bank, bank_file)
         registration = register_bank(
             tracker, run_id, config.model_name, source, bank_file=bank_file,
-            inference_defaults={"method": e.method, "objective": e.objective, "mode": e.mode},
+            # The evaluation's mode decides a test batch's task (the paper's protocol); a served
+            # request may mix tasks, so the model keeps its own default (per_example).
+            inference_defaults={"method": e.method, "objective": e.objective},
             aliases=[config.tracking.alias], tags={"experiment": config.name})
     return Publication(source, registration)

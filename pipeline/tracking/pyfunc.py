@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +30,28 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModelContext
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from pipeline.bank_source import BankSource
 from pipeline.registry import load_bank
+from pipeline.serve.answer import Answerer
+from pipeline.serve.contract import (
+    INFERENCE_CHOICES,
+    INFERENCE_DEFAULTS,
+    INPUT_SCALES,
+    InputError,
+    as_batch,
+    normalize,
+    read_params,
+)
 from pipeline.tracking.client import quiet
-from supsup.bank import MaskBank
-from supsup.binding import use_task
-from supsup.inference import METHODS, MODES, infer_task
 from supsup.networks import NetworkSpec, SupermaskNet, build_network
-from supsup.objectives import OBJECTIVES
 
 MODEL_FORMAT = 2
 MODEL_KIND = "supsup-mask-bank"
 MODEL_JSON = "model.json"
 BANK_FILE = "bank.parquet"
 MODEL_CODE = "model_code.py"  # MLflow copies it to the model's root under this name
-INFERENCE_DEFAULTS = {"method": "one_shot", "objective": "entropy", "mode": "batch"}
-_INFERENCE_CHOICES = {"method": METHODS, "objective": OBJECTIVES, "mode": MODES}
-_PER_EXAMPLE_ROWS = 64  # per_example inference keeps (rows, weights) gradients: bound the rows
-# How served pixel values are scaled: as training saw them (normalised with the data set's
-# mean/std), or raw, in [0, 1] or [0, 255], normalised here with the mean/std in model.json.
-INPUT_SCALES = ("normalized", "0-1", "0-255")
 
 
 class ModelInputError(MlflowException, ValueError):
@@ -72,21 +71,26 @@ def model_bank_source(info: Mapping[str, Any], bank_file: str | None = None) -> 
 def check_inference_defaults(given: Mapping[str, str] | None) -> dict[str, str]:
     out = dict(INFERENCE_DEFAULTS)
     for key, value in (given or {}).items():
-        if key not in _INFERENCE_CHOICES:
+        if key not in INFERENCE_CHOICES:
             raise ValueError(f"inference_defaults: unknown key {key!r}; known: "
-                             f"{sorted(_INFERENCE_CHOICES)}")
-        if value not in _INFERENCE_CHOICES[key]:
+                             f"{sorted(INFERENCE_CHOICES)}")
+        if value not in INFERENCE_CHOICES[key]:
             raise ValueError(f"inference_defaults[{key!r}] = {value!r}; choose one of "
-                             f"{_INFERENCE_CHOICES[key]}")
+                             f"{INFERENCE_CHOICES[key]}")
         out[key] = value
     return out
 
 
 def signature(spec: NetworkSpec, defaults: Mapping[str, str]) -> ModelSignature:
-    """Flattened float32 rows in; task_id, class and confidence per row out; inference params,
-    and `input_scale`: "normalized" (as in training, the default), "0-1" or "0-255" pixels."""
+    """No input schema: MLflow's tensor check wants one exact dtype (float64 refused where
+    float32 is declared) and quotes the data in its error; `predict` checks inputs itself
+    (pipeline.serve.contract: rows of prod(input_shape) values, any real dtype, named errors
+    that never quote the input). Out: task_id, class and confidence per row; params: the
+    inference options and `input_scale`: "normalized" (as in training, the default), "0-1" or
+    "0-255"."""
+    del spec  # the shape is checked by the contract, against the bank's network
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, math.prod(spec.input_shape)))]),
+        inputs=None,
         outputs=Schema([ColSpec("long", "task_id"), ColSpec("long", "class"),
                         ColSpec("double", "confidence")]),
         params=ParamSchema([ParamSpec(k, "string", v) for k, v in defaults.items()]
@@ -161,13 +165,15 @@ def check_model_json(path: str | os.PathLike[str], recorded: str | None) -> None
 class SupSupModel(mlflow.pyfunc.PythonModel):
     """A registered mask bank: infers each input's task, then classifies with that task's mask.
 
-    Input: float32 rows flattened to (B, prod(input_shape)) (the signature's form, also as a
-    DataFrame of that many columns); called directly, `predict` also takes (B, *input_shape).
-    Normalised as in training by default; with param input_scale "0-1" or "0-255", raw pixels,
-    normalised here with the training data's mean/std that model.json records.
+    Input: rows flattened to (B, prod(input_shape)) (the signature's form, also as a DataFrame
+    of that many columns), float32 or float64; called directly, `predict` also takes
+    (B, *input_shape). Normalised as in training by default; with param input_scale "0-1" or
+    "0-255", raw pixels, normalised here with the training data's mean/std that model.json
+    records; values the scale cannot hold are refused (pipeline.serve.contract).
     Output: a DataFrame with task_id, class and confidence per row.
-    Params: method (one_shot | binary), objective (entropy | g), mode (one_image | batch: one task
-    per call; per_example: one task per row); defaults come from the registration.
+    Params: method (one_shot | binary), objective (entropy | g), mode (per_example: one task per
+    row, the default; batch | one_image: one task per call); defaults come from the
+    registration. `supsup serve` answers through the same `Answerer`.
     """
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -185,101 +191,22 @@ class SupSupModel(mlflow.pyfunc.PythonModel):
         self.input = info.get("input")  # mean/std of the training data, when known
         self._lock = threading.Lock()  # bindings are installed on the shared network per call
 
-    def _normalized(self, x: torch.Tensor, scale: str) -> torch.Tensor:
-        return _normalize_input(x, scale, getattr(self, "input", None))
-
     def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Task, class and confidence for each row of `model_input` (see the class docstring)."""
-        options = dict(self.defaults)
-        scale = INPUT_SCALES[0]
-        for key, value in (params or {}).items():
-            if key == "input_scale":
-                if value is not None and value not in INPUT_SCALES:
-                    raise ModelInputError(f"param input_scale={value!r}; choose one of "
-                                          f"{INPUT_SCALES}")
-                scale = value or scale
-                continue
-            if key not in _INFERENCE_CHOICES:
-                raise ModelInputError(f"unknown param {key!r}; known: "
-                                      f"{sorted([*_INFERENCE_CHOICES, 'input_scale'])}")
-            if value is not None:
-                if value not in _INFERENCE_CHOICES[key]:
-                    raise ModelInputError(f"param {key}={value!r}; choose one of "
-                                          f"{_INFERENCE_CHOICES[key]}")
-                options[key] = value
         try:
-            x = _as_batch(model_input, self.spec.input_shape)
-        except ValueError as exc:
+            options = read_params(params, self.defaults)
+            x = normalize(as_batch(model_input, self.spec.input_shape), options.input_scale,
+                          getattr(self, "input", None))
+        except InputError as exc:
             raise ModelInputError(str(exc)) from None
-        x = self._normalized(x, scale)
         with self._lock:
-            return _predict(self.net, self.bank, x, options)
-
-
-def _normalize_input(x: torch.Tensor, scale: str,
-                     norm: Mapping[str, Any] | None) -> torch.Tensor:
-    """Raw pixels ("0-1" or "0-255") to the normalised units training used."""
-    if scale == "normalized":
-        return x
-    if norm is None:
-        raise ModelInputError(
-            f"input_scale={scale!r}: this model does not record the normalisation of its "
-            "training data; send normalised inputs (input_scale='normalized')")
-    if scale == "0-255":
-        x = x / 255.0
-    shape = (1, len(norm["mean"])) + (1,) * (x.dim() - 2)
-    mean = torch.tensor(norm["mean"], dtype=x.dtype).view(shape)
-    std = torch.tensor(norm["std"], dtype=x.dtype).view(shape)
-    return (x - mean) / std
-
-
-def _as_batch(model_input: Any, input_shape: Sequence[int]) -> torch.Tensor:
-    """(B, *input_shape) float32 from rows (B, prod(shape)) or images; ValueError otherwise."""
-    if isinstance(model_input, pd.DataFrame):
-        model_input = model_input.to_numpy()
-    if isinstance(model_input, torch.Tensor):
-        model_input = model_input.detach().cpu().numpy()
-    arr = np.asarray(model_input)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"model input must be numeric, got dtype {arr.dtype}")
-    shape = tuple(int(d) for d in input_shape)
-    flat = math.prod(shape)
-    if arr.ndim == 2 and arr.shape[1] == flat:
-        arr = arr.reshape(arr.shape[0], *shape)
-    elif arr.ndim != 1 + len(shape) or tuple(arr.shape[1:]) != shape:
-        raise ValueError(f"model input has shape {arr.shape}; expected (B, {flat}) flattened rows "
-                         f"or (B, {', '.join(map(str, shape))})")
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("model input holds NaN or infinite values")
-    return x
-
-
-def _predict(net: SupermaskNet, bank: MaskBank, x: torch.Tensor,
-             options: Mapping[str, str]) -> pd.DataFrame:
-    n = x.shape[0]
-    if n == 0:
-        return pd.DataFrame({"task_id": np.zeros(0, np.int64), "class": np.zeros(0, np.int64),
-                             "confidence": np.zeros(0, np.float64)})
-    mode = options["mode"]
-    step = _PER_EXAMPLE_ROWS if mode == "per_example" else n
-    task_ids, confidence = [], []
-    for start in range(0, n, step):
-        result = infer_task(net, bank, x[start:start + step], method=options["method"],
-                            objective=options["objective"], mode=mode)
-        task_ids.append(result.task_ids)
-        confidence.append(result.confidence)
-    chosen = torch.cat(task_ids)
-    classes = torch.empty(n, dtype=torch.long)
-    with torch.no_grad():
-        for t in chosen.unique().tolist():
-            sel = chosen == t
-            with use_task(net, bank, int(t)):
-                classes[sel] = net(x[sel])[:, :net.spec.num_classes].argmax(-1)
-    return pd.DataFrame({"task_id": chosen.numpy().astype(np.int64),
-                         "class": classes.numpy().astype(np.int64),
-                         "confidence": torch.cat(confidence).numpy().astype(np.float64)})
+            if getattr(self, "_answerer", None) is None:
+                self._answerer = Answerer(self.net, self.bank)
+            answers = self._answerer.predict(x, options.inference())
+        return pd.DataFrame({"task_id": answers.task_ids.numpy().astype(np.int64),
+                             "class": answers.classes.numpy().astype(np.int64),
+                             "confidence": answers.confidence.numpy().astype(np.float64)})
 
 
 def read_model_json(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""Serving a registered mask bank: the input contract every server shares (`contract`), the one
+function that answers rows (`answer`), the Ray Serve application (`app`) and the `supsup serve`
+command (`command`).
+
+Importing this package imports neither Ray nor MLflow: the MLflow model (pipeline.tracking.pyfunc)
+uses `contract` and `answer` too.
+"""
