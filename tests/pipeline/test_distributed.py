@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
 from pipeline.experiment import build_net, build_spec, build_tasks
@@ -63,6 +64,26 @@ def test_zero_workers_is_a_config_error() -> None:
         parse_config({"train": {"data_parallel_workers": 0}})
     with pytest.raises(ConfigError, match=r"train\.backend"):
         parse_config({"train": {"backend": "mpi"}})
+
+
+def test_the_fused_step_with_data_parallel_workers_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its gradients sit on the fused step's own effective weights, out of reach of the score
+    averaging: each rank would train alone. `supsup train` refuses it from the file."""
+    from pipeline.cli import main
+
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(make_config(tmp_path).model_dump(exclude={"reduced"})))
+    capsys.readouterr()
+    assert main(["train", str(path), "--set", "train.fused=true"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: train.fused: cannot be true with "
+                   "train.data_parallel_workers=2: the data-parallel ranks average score "
+                   "gradients, which the fused step never forms, so each rank would train alone; "
+                   "set train.fused: false, or train.data_parallel_workers: 1\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dp.yaml"]
+    # One rank is the single-process job, where the fused step is the whole story.
+    assert make_config(tmp_path, fused=True, data_parallel_workers=1).train.fused
 
 
 def test_backend_auto_picks_by_device(tmp_path: Path) -> None:
