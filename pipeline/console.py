@@ -36,6 +36,28 @@ _QUIET_LIBRARIES = {
 
 _THIRD_PARTY = ("mlflow", "alembic", "urllib3", "ray", "filelock", "py.warnings")
 
+# A terminal line says what happened in a few hundred characters; the log file keeps all of it.
+# A value that grew without bound (a pasted array, a file of nested aliases, a library echoing a
+# whole request) must not turn one line into megabytes.
+MAX_LINE = 1000
+
+
+def bounded(text: str, limit: int = MAX_LINE, rest: str = "in the log file") -> str:
+    """Each line of `text` cut to `limit` characters, naming how much was left out and where
+    it can be read."""
+    lines = []
+    for line in text.split("\n"):
+        if len(line) > limit:
+            line = f"{line[:limit]}... ({len(line) - limit:,} more characters {rest})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def error_line(text: str) -> str:
+    """A failure's message as the one bounded `error:` line of the terminal (--debug shows the
+    whole message with its traceback)."""
+    return bounded(" ".join(text.splitlines()), rest="with --debug")
+
 
 class _Terminal(logging.Handler):
     """Writes through tqdm, so a line never lands inside a progress bar; filters by origin."""
@@ -53,7 +75,7 @@ class _Terminal(logging.Handler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record), file=sys.stderr)
+            tqdm.write(bounded(self.format(record)), file=sys.stderr)
         except Exception:  # noqa: BLE001  (logging must never raise into the job)
             self.handleError(record)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.console import Console, attach_log_file, log_file
+from pipeline.console import MAX_LINE, Console, attach_log_file, error_line, log_file
 
 
 def test_library_lines_go_to_the_log_file_not_the_terminal(
@@ -55,3 +55,23 @@ def test_quiet_keeps_warnings_and_verbose_shows_libraries(
     err = capsys.readouterr().err
     assert "Running upgrade a -> b" in err and "group 0..2 posted 0.5" in err
     assert "findfont" not in err
+
+
+def test_terminal_lines_are_bounded_and_the_log_file_keeps_them_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    huge = "x" * 50_000
+    with Console():
+        attach_log_file(tmp_path)
+        logging.getLogger("pipeline.jobs").warning("trial failed: %s", huge)
+    err = capsys.readouterr().err
+    assert "... (49," in err and "more characters in the log file)" in err
+    assert max(len(line) for line in err.splitlines()) < 1100
+    assert huge in (tmp_path / "supsup.log").read_text()
+
+
+def test_an_error_line_is_one_bounded_line() -> None:
+    assert error_line("a short message") == "a short message"
+    line = error_line("first\nsecond " + "y" * 5000)
+    assert "\n" not in line and line.startswith("first second yyy")
+    assert line.endswith(f"... ({5013 - MAX_LINE:,} more characters with --debug)")
+    assert len(line) < MAX_LINE + 100
