@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.registry import MaskRegistry
-from tests.pipeline.servers import free_port, stop_group
+from tests.pipeline.servers import Guarded, free_port, stop_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
@@ -54,8 +54,7 @@ def _start_head(env: dict[str, str], log: Path, dashboard: bool) -> tuple[subpro
                  f"--dashboard-port={dash}"]
     else:
         args += ["--include-dashboard=false"]
-    proc = subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = Guarded(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return proc, f"127.0.0.1:{port}", dash
 
 

@@ -27,7 +27,7 @@ from pipeline.config import load_config
 from pipeline.experiment import task_groups
 from pipeline.jobs.train import train_group_worker
 from pipeline.registry import MaskRegistry
-from tests.pipeline.servers import free_port, stop_group
+from tests.pipeline.servers import Guarded, free_port, stop_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BUCKET = "supsup-cluster"
@@ -68,8 +68,8 @@ class Hosts:
               log: Path) -> subprocess.Popen[bytes]:
         """A process in host's namespace, in its own process group (stopped at teardown)."""
         out = log.open("wb")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[host], *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Guarded(["ip", "netns", "exec", self.names[host], *args], env=env, stdout=out,
+                       stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -80,8 +80,7 @@ class Hosts:
 
     def down(self) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                stop_group(proc, seconds=5)  # what is left is killed just below
+            stop_group(proc, seconds=5)  # also ends its watchdog; what is left is killed below
         for ns in self.names.values():
             for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
