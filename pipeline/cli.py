@@ -140,6 +140,35 @@ def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
     return commands.lookup(model_uri, task, tracking_uri, config_path)
 
 
+@cli.command(short_help="Serve a model version over HTTP on Ray Serve, batching requests.",
+             epilog="""\b
+Examples:
+  supsup serve models:/quickstart@champion --tracking-uri sqlite:///runs/mlflow.db
+  supsup serve models:/quickstart/3 --config configs/quickstart.yaml --set serve.port=8080
+  supsup serve models:/big/1 --tracking-uri http://mlflow:5000 --address 10.0.0.1:6379
+
+POST /invocations {"inputs": [[...784 pixels...]], "params": {"input_scale": "0-255"}}
+answers task_id, class and confidence per row; GET /health names the version and snapshot.""")
+@click.argument("model_uri")
+@click.option("--tracking-uri", metavar="URI",
+              help="MLflow tracking URI holding the model (default: --config's, else "
+                   "MLFLOW_TRACKING_URI).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config whose serve and cluster sections apply (default: their defaults).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config value, e.g. --set serve.max_batch_size=64 "
+                   "(repeatable).")
+@click.option("--address", metavar="ADDRESS", help="Join the Ray cluster at ADDRESS.")
+def serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
+          overrides: tuple[str, ...], address: str | None) -> int:
+    """Serve the registered model MODEL_URI (models:/NAME@ALIAS or models:/NAME/VERSION) on
+    Ray Serve until Ctrl-C: its masks are checked against the version's snapshot first, each
+    row's task is inferred on its own, and concurrent requests share passes over the bank."""
+    from pipeline.serve.command import cmd_serve
+
+    return cmd_serve(model_uri, tracking_uri, config_path, overrides, address)
+
+
 @cli.command(short_help="Hyper-parameter search with Ray Tune; writes the best config.",
              epilog="""\b
 Examples:

@@ -19,6 +19,7 @@ from pipeline.config.sections import (
     HopfieldSection,
     NetworkSection,
     RegistrySection,
+    ServeSection,
     TasksSection,
     TrackingSection,
     TrainSection,
@@ -161,6 +162,7 @@ class ExperimentConfig(Section):
     scenario: Literal["gg_gn", "nns", "hopfield"] = "gg_gn"
     discovery: DiscoverySection = DiscoverySection()
     hopfield: HopfieldSection = HopfieldSection()
+    serve: ServeSection = ServeSection()  # `supsup serve` only: never a run's param
 
     @field_validator("name")
     @classmethod
@@ -261,7 +263,7 @@ class ExperimentConfig(Section):
         """Dotted key -> value strings for MLflow params, of the sections this config uses: the
         scenario's own section only, no empty sweep, no `reduced` table (already applied; the
         whole config is the run's config.yaml artifact)."""
-        unused = {"reduced"} | {k for k, scenario in (("discovery", "nns"),
+        unused = {"reduced", "serve"} | {k for k, scenario in (("discovery", "nns"),
                                                        ("hopfield", "hopfield"))
                                 if self.scenario != scenario}
         if self.sweep is None:

@@ -279,3 +279,18 @@ class BaselineSection(Section):
 
     # BatchEnsemble's rank-one fast weights learn at a rate of their own; None: train.lr.
     fast_lr: Float | None = Field(1e-2, gt=0)
+
+
+class ServeSection(Section):
+    """`supsup serve`: where the application listens, how concurrent requests are batched into
+    one pass over the bank, and the replicas that hold the bank (each loads it once)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    port: Int = Field(8000, ge=1, le=65535)
+    replicas: Int = Field(1, ge=1)  # bank replicas; each answers batches on its own
+    num_cpus: Float = Field(1, ge=0)  # Ray resources of one bank replica
+    num_gpus: Float = Field(0, ge=0)  # > 0: the replica answers on its GPU
+    threads: Int | None = Field(None, ge=1)  # torch threads per replica; None: from num_cpus
+    max_batch_size: Int = Field(32, ge=1)  # requests answered in one pass
+    batch_wait_timeout_s: Float = Field(0.01, ge=0)  # how long a pass waits to fill up
+    max_rows_per_request: Int = Field(256, ge=1)  # a larger request is a 400 naming this key

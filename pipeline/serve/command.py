@@ -1,0 +1,86 @@
+"""`supsup serve MODEL_URI`: check the version, deploy it on Ray Serve, print where, block.
+
+The version is resolved and its masks loaded once here, through `load_bank` (snapshot checked),
+before Ray starts: a version whose snapshot the mask registry no longer holds is refused with one
+error line and nothing is served. Ray is local, or the cluster `--address` / cluster.address /
+RAY_ADDRESS names, as for the other commands. Ctrl-C (or SIGTERM) deletes the application and,
+when Ray was started here, stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+from pipeline.config.sections import ServeSection
+
+log = logging.getLogger("supsup")
+
+_POLL_S = 1.0
+
+
+def _load_config(config_path: str | None, overrides: tuple[str, ...]) -> Any:
+    """The config file with its overrides, or the defaults with `--set` overrides alone (only
+    the serve and cluster sections matter here)."""
+    from pipeline.config import load_config, parse_config
+
+    if config_path:
+        return load_config(config_path, list(overrides))
+    return parse_config({}, "--set", list(overrides))
+
+
+def checked_version(model_uri: str, tracking_uri: str) -> Any:
+    """The ServedVersion of `model_uri` (an alias resolves to its version number now), after
+    loading its masks once: BankMismatchError naming the bank when the registry no longer holds
+    the version's snapshot."""
+    from pipeline.registry import load_bank
+    from pipeline.serve.app import ServedVersion
+    from pipeline.tracking.pyfunc import input_normalization
+    from pipeline.tracking.versions import model_source
+
+    with tempfile.TemporaryDirectory(prefix="supsup-serve-") as tmp:
+        info, source = model_source(model_uri, tracking_uri, tmp)
+        _, spec = load_bank(source)
+    return ServedVersion(
+        model_uri=info["model_uri"], tracking_uri=tracking_uri,
+        snapshot=source.snapshot_sha256, tasks=source.num_tasks,
+        input_shape=tuple(spec.input_shape),
+        # what registration records in model.json, from the bank's (hashed) manifest
+        input_norm=input_normalization(info["mask"].get("dataset")),
+        defaults=dict(info["inference_defaults"]))
+
+
+def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
+              overrides: tuple[str, ...], address: str | None) -> int:
+    """Serve MODEL_URI until interrupted; 0 once stopped."""
+    from pipeline.cluster import ray_session
+    from pipeline.commands import resolve_tracking_uri
+
+    config = _load_config(config_path, overrides)
+    uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
+    version = checked_version(model_uri, uri)
+    settings: ServeSection = config.serve
+    with ray_session(config.cluster, address):
+        from ray import serve
+
+        from pipeline.serve.app import build_app
+
+        name = version.model_uri.removeprefix("models:/").replace("/", "-v")
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(version, settings), name=name, route_prefix="/")
+        url = f"http://{settings.host}:{settings.port}"
+        print(f"serving {version.model_uri} (snapshot {version.snapshot[:12]}, "
+              f"{version.tasks} tasks) at {url}/invocations; health: {url}/health; "
+              "Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(_POLL_S)
+        except KeyboardInterrupt:
+            log.info("stopping %s", name)
+        finally:
+            serve.delete(name)
+            serve.shutdown()
+    print(f"stopped serving {version.model_uri}", flush=True)
+    return 0
