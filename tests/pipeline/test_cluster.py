@@ -13,8 +13,9 @@ from pipeline.config import ClusterSection
 ])
 def test_fits_counts_workers_without_float_floor_errors(total: float, per: float,
                                                         expected: int) -> None:
-    assert 1.0 // 0.2 == 4.0  # the float floor this avoids
     assert fits(total, per) == expected
+    # Ray counts resources in fixed point, 1/10000 of a unit: its own count of such workers
+    assert fits(total, per) == round(total * 10_000) // round(per * 10_000)
 
 
 def test_worker_slots_take_the_scarcer_resource() -> None:
