@@ -255,7 +255,7 @@ def registry_export(bank: str, dest: str, root: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The `supsup` command: exit status 0 on success, 1 for a failed check, 2 for an error."""
-    from pipeline.console import Console
+    from pipeline.console import Console, error_line
 
     args = _global_flags_first(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 raise
             log.debug("the command failed", exc_info=True)  # the traceback, in the log file
-            print(f"error: {describe_error(err)}", file=sys.stderr)
+            print(f"error: {error_line(describe_error(err))}", file=sys.stderr)
             return 2
         finally:
             signal.signal(signal.SIGTERM, previous)

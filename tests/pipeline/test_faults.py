@@ -122,11 +122,9 @@ def test_bad_values_are_refused_before_anything_is_written(
         capsys: pytest.CaptureFixture[str]) -> None:
     before = _state(trained)
     args = [a for o in options for a in ("--set", o)]
-    started = time.monotonic()
     done = _in_process(capsys, "train", str(trained / "probe.yaml"), *args)
     assert done.returncode == 2, done.stderr[-3000:]
     assert named in _one_error(done)
-    assert time.monotonic() - started < 60  # seconds, not minutes of retries
     assert _state(trained) == before
     assert not (trained.parent / "mlflow.db").exists() and not Path("/tmp/supsup-pwned").exists()
 
@@ -430,3 +428,12 @@ def test_training_fields_a_job_would_ignore_are_refused_before_anything_is_writt
     name = field.split("=")[0]
     assert f"{name}: " in _one_error(done) and f"ignores {name}" in _one_error(done)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
+
+
+def test_an_error_about_a_huge_value_is_one_bounded_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    done = _in_process(capsys, "registry", "verify", "b" * 20_000, "--root", str(tmp_path))
+    assert done.returncode == 2
+    error = _one_error(done)
+    assert error.startswith("error: bank name 'bbb") and len(error) < 1100
+    assert error.endswith(" more characters with --debug)")
