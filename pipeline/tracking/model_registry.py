@@ -150,10 +150,10 @@ def _missing_artifacts(client: MlflowClient, mv: Any, tracking_uri: str) -> str 
     try:
         found = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
             artifact_uri=f"{location.rstrip('/')}/artifacts", tracking_uri=tracking_uri)}
-    except (MlflowException, OSError) as exc:
-        found = set()
-        logger.debug("listing the artifacts of models:/%s/%s failed: %s", mv.name, mv.version,
-                     exc)
+    except (MlflowException, OSError) as exc:  # cannot tell: never re-register on a doubt
+        logger.warning("could not list the artifacts of models:/%s/%s (%s); taking it as "
+                       "loadable", mv.name, mv.version, exc)
+        return None
     missing = [n for n in needed if n not in found]
     if not missing:
         return None
@@ -263,7 +263,7 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 name="model", python_model=model_code_path(), artifacts=artifacts,
                 signature=signature(spec, defaults),
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
-                model_config={MODEL_JSON_KEY: digest},
+                metadata={MODEL_JSON_KEY: digest},
             )
             try:
                 try:

@@ -140,7 +140,7 @@ def code_paths() -> list[str]:
     return [str(Path(supsup.__file__).parent), str(Path(pipeline.__file__).parent)]
 
 
-MODEL_JSON_KEY = "model_json_sha256"  # in the logged model's model_config
+MODEL_JSON_KEY = "model_json_sha256"  # in the logged model's metadata (its MLmodel file)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -148,11 +148,19 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_model_json(path: str | os.PathLike[str], recorded: str | None) -> None:
+def check_model_json(path: str | os.PathLike[str]) -> None:
     """ValueError naming model.json when its bytes are not the ones logged with the model (the
-    hash MLflow keeps in the model's config, beside the version's `supsup.model_json` tag): an
-    edited description (another input mean, another bank) would load and answer wrongly."""
-    if recorded is None:  # logged before model descriptions were hashed
+    hash in the model's MLmodel metadata, beside the version's `supsup.model_json` tag): an
+    edited description (another input mean, another bank) would load and answer wrongly.
+
+    `path` is model.json inside a model folder (`<model>/artifacts/model.json`, as MLflow hands
+    artifacts to `load_context`); a model logged before descriptions were hashed is not
+    checked."""
+    mlmodel = Path(path).parent.parent / "MLmodel"
+    if not mlmodel.is_file():
+        return
+    recorded = (mlflow.models.Model.load(str(mlmodel)).metadata or {}).get(MODEL_JSON_KEY)
+    if recorded is None:
         return
     actual = file_sha256(path)
     if actual != recorded:
@@ -180,8 +188,7 @@ class SupSupModel(mlflow.pyfunc.PythonModel):
         """Rebuild the base network from its seed, and load exactly the registered masks: from the
         embedded bank file, or from the registry, which must still hold the pinned snapshot."""
         quiet()
-        check_model_json(context.artifacts["model_json"],
-                         (context.model_config or {}).get(MODEL_JSON_KEY))
+        check_model_json(context.artifacts["model_json"])
         info = read_model_json(context.artifacts["model_json"])
         self.info = info
         self.source = model_bank_source(info, context.artifacts.get("bank"))

@@ -487,12 +487,20 @@ def _swap_the_bank(model_dir: Path, work: Path) -> None:
     export_bank(registry, bank, bank_file, overwrite=True)
 
 
-def _edit_model_json(field: str) -> Callable[[Path, Path], None]:
+def _edit_model_json(field: str, rehash: bool = True) -> Callable[[Path, Path], None]:
+    """Edit a hash in model.json; with `rehash`, also the description's hash in MLmodel (an
+    editor who knows both), so only the loader's content checks can tell."""
     def edit(model_dir: Path, work: Path) -> None:
+        import hashlib
+
         path = model_dir / "artifacts" / MODEL_JSON
         info = json.loads(path.read_text())
         info["source"][field] = "f" * 64
         path.write_text(json.dumps(info))
+        if rehash:
+            model = Model.load(str(model_dir / "MLmodel"))
+            model.metadata["model_json_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            model.save(str(model_dir / "MLmodel"))
 
     return edit
 
@@ -509,6 +517,9 @@ def _edit_model_json(field: str) -> Callable[[Path, Path], None]:
                  r"snapshot ffffffffffff\) in the bank file .*refused", id="model-json-snapshot"),
     pytest.param(_edit_model_json("manifest_sha256"), BankMismatchError,
                  r"manifest there hashes to \w+, not ffffffffffff", id="model-json-manifest"),
+    pytest.param(_edit_model_json("snapshot_sha256", rehash=False), ValueError,
+                 r"model\.json: model\.json hashes to \w+, but the model was registered with "
+                 r"\w+; its description was edited after registration", id="model-json-edited"),
 ])
 def test_a_tampered_model_folder_refuses_to_load(
         tmp_path: Path, db: str, perm_models: dict,
@@ -567,9 +578,11 @@ def test_swapped_model_artifacts_are_refused_by_the_pipeline_loader(
                                                 r"model.json names snapshot \w+, but the version "
                                                 r"was registered with snapshot \w+"):
         load_bank_from_model(full.uri, db)
-    # mlflow.pyfunc.load_model sees the artifacts only: there the artifact store's writer is
-    # trusted (README, "Trust model"), and the swapped, self-consistent pair loads.
-    assert mlflow.pyfunc.load_model(full.uri).unwrap_python_model().bank.task_ids == [0, 1]
+    # mlflow.pyfunc.load_model sees the artifacts only: the swapped model.json is not the one
+    # whose hash the version's MLmodel records.
+    with pytest.raises(ValueError, match=r"model\.json hashes to \w+, but the model was "
+                                         r"registered with"):
+        mlflow.pyfunc.load_model(full.uri)
 
 
 def _register_in_process(db: str, root: str, barrier: Any, results: Any) -> None:
