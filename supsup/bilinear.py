@@ -1,0 +1,201 @@
+"""Alpha gradients of many queries at once over a linear layer: one read of the packed bank.
+
+One-shot task inference (Section 3.3) needs, per query b and task i, dH_b/dalpha_i = sum over a
+layer's weights of M_i * W * dH_b/dW_eff. For a linear layer the per-example gradient is the outer
+product g_b x_b^T (g_b = dH_b/dy at the layer's output, x_b its input), so the sum is a bilinear
+form, g_b^T (M_i * W) x_b: nothing weight-sized per query needs to exist, and the bank is read once
+for all the queries of a pass (METHOD.md, "Task inference for many queries").
+
+Kernel. The base weights are +-c (signed constants), so M_i * W = c A_i with A_i = M_i * sign(W) in
+{-1, 0, 1}, exact in int8 and unpacked from the packed bytes by one table gather per byte (the
+table is indexed by the mask byte and the sign byte of the same 8 weights). The layer's larger side
+(inputs x when in >= out, else output gradients g) is written in fixed point, `digits` balanced
+int8 digits per value at 2**-(8 digits - 2) of the query's largest |value|, and one `torch._int_mm`
+per block of tasks multiplies the stacked A_i by those digits with exact int32 sums (VNNI on x86).
+Float arithmetic enters only after that: the (tasks, smaller side, digits, B) integers are weighted
+by 256**d * step_b * c * (the other factor) and summed. The fixed point of one factor is the only
+rounding before that, so a result is within `rounding_bound` of the exact product.
+
+Why this kernel (measured on a 2-core AVX-512 EPYC, `bench/bank_inference.py`): the int8 product
+ran at ~560 G multiply-adds/s against ~410 for bf16 (whose CPU products round their result to 8
+bits) and ~190 for float32; lookup tables over bits (embedding_bag over per-byte subset sums) were
+cache-bound at these sizes; a (B, weights) operand of per-example gradients in fixed point cost more
+to make than the product itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+_SELECT = (128, 64, 32, 16, 8, 4, 2, 1)  # weight 8b + i is bit (7 - i) of byte b (pack_bits)
+
+
+@dataclass(frozen=True)
+class LinearFactors:
+    """A linear layer's per-query factors: its inputs x (B, in) and output gradients g (B, out).
+    Small (no weight-sized part), so they travel to shards of a bank as they are."""
+
+    x: torch.Tensor
+    g: torch.Tensor
+
+    def to(self, device: torch.device | str) -> LinearFactors:
+        return LinearFactors(self.x.to(device), self.g.to(device))
+
+
+def fixed_point_bits(digits: int) -> int:
+    """Magnitude bits a value may use in `digits` balanced int8 digits with room for carries."""
+    return 8 * digits - 2
+
+
+def _step(values: torch.Tensor, digits: int) -> torch.Tensor:
+    """(B,) float64 fixed-point step of each row: 2**-bits of its largest |value| (1 for zeros)."""
+    top = values.abs().amax(1).to(torch.float64)
+    return torch.where(top > 0, top, torch.ones_like(top)) / 2.0 ** fixed_point_bits(digits)
+
+
+def fixed_point_digits(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, m) float -> int8 operand (m, digits * B), column d * B + b holding digit d of row b
+    (least significant first, each in [-128, 127] but the last), and the (B,) float64 steps."""
+    unit = _step(values, digits)
+    q = torch.round(values.to(torch.float64) / unit[:, None]).to(torch.int32)  # |q| <= 2**bits
+    out = torch.empty(digits, *q.shape, dtype=torch.int8, device=values.device)
+    low = torch.empty_like(q)
+    for d in range(digits - 1):
+        torch.add(q, 128, out=low).bitwise_and_(255).sub_(128)
+        out[d].copy_(low)
+        q.sub_(low).bitwise_right_shift_(8)  # exact: q - low is a multiple of 256
+    out[-1].copy_(q)
+    return out.permute(2, 0, 1).reshape(values.shape[1], digits * values.shape[0]), unit
+
+
+@functools.cache
+def _signed_bit_table(device: torch.device) -> torch.Tensor:
+    """(65536,) int64: index mask_byte * 256 + negative_byte -> the 8 weights' A values as int8
+    (0 where the mask bit is clear, -1 where it is set and the weight negative, else 1)."""
+    sel = torch.tensor(_SELECT, dtype=torch.int64)
+    v = torch.arange(65536)
+    kept = ((v[:, None] >> 8) & sel) != 0
+    negative = ((v[:, None] & 255) & sel) != 0
+    a = kept.to(torch.int8) * (1 - 2 * negative.to(torch.int8))
+    return a.contiguous().view(torch.int64).reshape(65536).to(device)
+
+
+def sign_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """(nbytes,) int64 of a weight tensor's signs packed like its masks (1 = negative), times 1
+    (ready to add to mask_byte * 256)."""
+    neg = (weight.reshape(-1) < 0).to(torch.uint8)
+    pad = (-neg.numel()) % 8
+    if pad:
+        neg = torch.cat([neg, neg.new_zeros(pad)])
+    place = torch.tensor(_SELECT, dtype=torch.uint8, device=weight.device)
+    return (neg.view(-1, 8) * place).sum(1).to(torch.int64)
+
+
+def is_signed_constant(weight: torch.Tensor) -> bool:
+    """Whether every weight is +-c for one c > 0 (the paper's base network; the kernel needs it)."""
+    a = weight.abs().reshape(-1)
+    c = float(a[0]) if a.numel() else 0.0
+    return c > 0 and math.isfinite(c) and bool((a == c).all())
+
+
+def task_block(small: int, large: int, batch: int, digits: int, budget_bytes: int) -> int:
+    """Tasks per block so the block's int8 masks, gather indices and its int32 sums and their
+    float copy, (tasks, small, digits, batch), fit in `budget_bytes`."""
+    per_task = 3 * small * large + small * large // 8 * 8 + small * digits * batch * 8
+    return max(1, budget_bytes // per_task)
+
+
+def linear_alpha_gradients(
+    packed: torch.Tensor,
+    rows: torch.Tensor | None,
+    weight: torch.Tensor,
+    factors: LinearFactors,
+    *,
+    digits: int = 2,
+    budget_bytes: int = 16 << 20,
+    on_block: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """(B, k) float32 dH_b/dalpha_i = g_b^T (M_i * W) x_b for the bank's `rows` (every row when
+    None) of one linear layer: `packed` (K, nbytes) rows of (out, in) masks, `weight` (out, in)
+    signed constants (`is_signed_constant`).
+
+    Tasks go in blocks whose buffers stay within `budget_bytes` whatever the batch (callers bound
+    the batch too); `on_block(nbytes)`, when given, is told the bytes the buffers hold.
+    """
+    out_f, in_f = weight.shape
+    n = out_f * in_f
+    device = packed.device
+    k = packed.shape[0] if rows is None else rows.numel()
+    batch = factors.x.shape[0]
+    x = factors.x.reshape(batch, in_f)
+    g = factors.g.reshape(batch, out_f)
+    transpose = out_f > in_f  # contract over out: A_i^T (in, out) times the digits of g
+    fixed, other = (g, x) if transpose else (x, g)
+    small, large = other.shape[1], fixed.shape[1]
+    operand, unit = fixed_point_digits(fixed, digits)  # (large, D*B), (B,)
+    operand = operand.contiguous()
+    place = torch.tensor([256.0**d for d in range(digits)], dtype=torch.float64, device=device)
+    scale = float(weight.abs().reshape(-1)[0])
+    # weight of digit d of query b at position s of the smaller side: 256**d step_b c other_b[s]
+    wt = (place[None, :, None] * (unit * scale)[None, None, :]
+          * other.to(torch.float64).T[:, None, :]).to(torch.float32)  # (small, D, B)
+    wt = wt.reshape(small * digits, batch)
+    table = _signed_bit_table(device)
+    signs = sign_bytes(weight).to(device)
+    nbytes = packed.shape[1]
+    height = min(k, task_block(small, large, batch, digits, budget_bytes))
+    index = torch.empty(height, nbytes, dtype=torch.int64, device=device)
+    masks = torch.empty(height, nbytes, dtype=torch.int64, device=device)  # 8 int8 per int64
+    turned = (torch.empty(height, in_f, out_f, dtype=torch.int8, device=device)
+              if transpose else None)
+    sums = torch.empty(height * small, digits * batch, dtype=torch.int32, device=device)
+    floats = torch.empty(height, small * digits, batch, dtype=torch.float32, device=device)
+    result = torch.empty(k, batch, dtype=torch.float32, device=device)
+    if on_block is not None:
+        on_block(16 * index.numel() + (0 if turned is None else turned.numel())
+                 + 4 * sums.numel() + 4 * floats.numel() + operand.numel())
+    for r0 in range(0, k, height):
+        r1 = min(k, r0 + height)
+        h = r1 - r0
+        src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
+        idx = index[:h]
+        idx.copy_(src).mul_(256).add_(signs)
+        torch.take(table, idx, out=masks[:h])
+        a = masks[:h].view(torch.int8).view(h, nbytes * 8)[:, :n]
+        a = a.reshape(h, out_f, in_f)  # a copy only when the layer's bits end mid-byte
+        if turned is not None:
+            a = turned[:h].copy_(a.transpose(1, 2))
+        y = sums[: h * small]
+        torch._int_mm(a.reshape(h * small, large), operand, out=y)
+        # integers of at most `large` * 128 in magnitude: exact in float32 up to 2**17 inputs
+        yf = floats[:h]
+        yf.copy_(y.view(h, small * digits, batch)).mul_(wt)
+        torch.sum(yf, 1, out=result[r0:r1])
+    return result.T.contiguous()
+
+
+def rounding_bound(weight: torch.Tensor, factors: LinearFactors, counts: torch.Tensor,
+                   digits: int) -> torch.Tensor:
+    """(B, k) bound on |kernel - exact|: half a fixed-point step of the larger side per kept
+    weight, times c |other factor|. `counts` (k, out, in) 0/1 masks (or their float64 view)."""
+    out_f, in_f = weight.shape
+    x = factors.x.reshape(-1, in_f).to(torch.float64)
+    g = factors.g.reshape(-1, out_f).to(torch.float64)
+    scale = float(weight.abs().reshape(-1)[0])
+    m = counts.to(torch.float64)
+    if out_f > in_f:
+        return 0.5 * scale * _step(g, digits)[:, None] * torch.einsum("koi,bi->bk", m, x.abs())
+    return 0.5 * scale * _step(x, digits)[:, None] * torch.einsum("koi,bo->bk", m, g.abs())
+
+
+def linear_exact(masks: torch.Tensor, weight: torch.Tensor, factors: LinearFactors
+                 ) -> torch.Tensor:
+    """(B, k) float64 reference over unpacked (k, out, in) masks: sum_oj M W g_o x_j."""
+    m = masks.to(torch.float64) * weight.to(torch.float64)
+    return torch.einsum("koi,bo,bi->bk", m, factors.g.to(torch.float64),
+                        factors.x.to(torch.float64))

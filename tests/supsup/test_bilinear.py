@@ -1,0 +1,73 @@
+"""supsup.bilinear: the int8 product of packed masks and fixed-point factors, against float64.
+
+A result may differ from the exact product by the factor's fixed-point rounding, which
+`rounding_bound` states (half a step per kept weight, times the other factor), plus float32's
+rounding of the weighted sums: 2**-20 of the sum of |terms| covers that with a margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supsup.bilinear import (
+    LinearFactors,
+    fixed_point_digits,
+    is_signed_constant,
+    linear_alpha_gradients,
+    linear_exact,
+    rounding_bound,
+)
+from supsup.masks import pack_bits
+
+# (out, in): in >= out and out > in (the transposed product); layers ending mid-byte
+SHAPES = [(3, 7), (5, 16), (16, 5), (30, 29), (13, 100)]
+
+
+def _case(k: int, out_f: int, in_f: int, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    density = torch.rand(k, 1, 1, generator=g) * 0.9 + 0.05
+    masks = (torch.rand(k, out_f, in_f, generator=g) < density).to(torch.uint8)
+    weight = (torch.randint(0, 2, (out_f, in_f), generator=g) * 2 - 1) * 0.37
+    factors = LinearFactors(torch.randn(batch, in_f, generator=g).relu(),
+                            torch.randn(batch, out_f, generator=g) * 1e-3)
+    return masks, pack_bits(masks.reshape(k, -1), group_dims=1), weight.float(), factors
+
+
+@pytest.mark.parametrize("digits", [2, 3])
+@pytest.mark.parametrize(("out_f", "in_f"), SHAPES)
+def test_products_are_within_the_stated_rounding_of_float64(out_f: int, in_f: int,
+                                                            digits: int) -> None:
+    masks, packed, weight, factors = _case(11, out_f, in_f, 6, seed=out_f * in_f)
+    blocks: list[int] = []
+    got = linear_alpha_gradients(packed, None, weight, factors, digits=digits,
+                                 budget_bytes=1, on_block=blocks.append)  # one task a block
+    exact = linear_exact(masks, weight, factors)
+    terms = torch.einsum("koi,bo,bi->bk", masks.double() * weight.double().abs(),
+                         factors.g.double().abs(), factors.x.double().abs())
+    allowed = rounding_bound(weight, factors, masks, digits) + 2.0**-20 * terms
+    assert bool(((got.double() - exact).abs() <= allowed).all())
+    assert len(blocks) == 1 and blocks[0] > 0
+
+
+def test_a_subset_of_rows_in_any_order_reads_those_rows() -> None:
+    masks, packed, weight, factors = _case(9, 6, 10, 3, seed=1)
+    rows = torch.tensor([7, 2, 2, 0])
+    got = linear_alpha_gradients(packed, rows, weight, factors, digits=3)
+    whole = linear_alpha_gradients(packed, None, weight, factors, digits=3)
+    assert torch.equal(got, whole[:, rows])
+
+
+def test_digits_write_every_value_back_exactly_at_its_step() -> None:
+    values = torch.tensor([[0.0, 1.0, -1.0, 0.123456, -0.5], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    for digits in (2, 3):
+        ops, unit = fixed_point_digits(values, digits)
+        back = sum(ops[:, d * 2:(d + 1) * 2].double() * 256.0**d for d in range(digits))
+        assert bool(((back * unit - values.T.double()).abs() <= unit / 2).all())
+        assert bool((back.abs().amax(0) == 2.0 ** (8 * digits - 2)).all())  # the largest at the top
+
+
+def test_signed_constants_are_recognised() -> None:
+    assert is_signed_constant(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))
+    assert not is_signed_constant(torch.tensor([[0.5, -0.25]]))
+    assert not is_signed_constant(torch.zeros(2, 2))

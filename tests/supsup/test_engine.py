@@ -1,0 +1,185 @@
+"""supsup.engine: many queries per pass give each query the one-image path's answer.
+
+Tolerance. The engine's only rounding before float32 is the fixed point of one factor per linear
+layer: 2**-14 (2 digits) or 2**-22 (3 digits) of the query's largest |value| per step, half a step
+per kept weight (`supsup.bilinear.rounding_bound`, held exactly in tests/supsup/test_bilinear.py).
+Against a float64 reference each gradient must be within REL[digits] of the query's largest
+|gradient|: the bound's worst case over these networks with a margin of 4 for float32 sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supsup.bank import MaskBank
+from supsup.binding import bind
+from supsup.engine import InferenceEngine, Mixture, factor_gradients, query_factors
+from supsup.inference import _MixtureBinding, alpha_gradients, infer_task
+from supsup.networks import SupermaskNet, build_network
+from supsup.objectives import get_objective
+from supsup.tasks import PermutedTasks
+from supsup.train import TrainConfig, add_to_bank, train_group
+from tests.supsup.test_inference import (
+    CLASSES,
+    NUM_TASKS,
+    SIDE,
+    _blobs,
+    _fc,
+    _random_bank,
+    _random_masks,
+)
+
+REL = {2: 4e-4, 3: 4e-6}
+NETS = {
+    "fc": lambda: _fc(hidden=(64, 32)),
+    "conv": lambda: build_network(name="conv", width=2, num_outputs=2 * CLASSES,
+                                  num_classes=CLASSES, input_shape=(1, SIDE, SIDE)),
+}
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[SupermaskNet, MaskBank, PermutedTasks]:
+    """Four permuted tasks learned well enough that every test example's task is inferred."""
+    tasks = PermutedTasks(_blobs(2048, seed=0), _blobs(256, seed=1), NUM_TASKS, seed=0)
+    net = _fc()
+    result = train_group(net, tasks, list(range(NUM_TASKS)),
+                         TrainConfig(steps=100, lr=1e-2, optimizer="adam", batch_size=64))
+    bank = MaskBank(net.layer_shapes())
+    add_to_bank(bank, result)
+    return net, bank, tasks
+
+
+def _mixed(tasks: PermutedTasks, per_task: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples of every task, interleaved: (B, 1, SIDE, SIDE) and the task of each."""
+    xs, ts = [], []
+    for i in range(per_task):
+        for t in range(NUM_TASKS):
+            xs.append(tasks.get(t, "test", torch.tensor([i]))[0])
+            ts.append(t)
+    return torch.cat(xs), torch.tensor(ts)
+
+
+def _reference(net: SupermaskNet, bank: MaskBank, masks: dict, task_ids: list[int],
+               x: torch.Tensor, objective: str) -> torch.Tensor:
+    """(B, k) float64: autograd of each query alone through a float64 network and mixture,
+    times float64 masks."""
+    net64 = build_network(net.spec).double()
+    k = len(task_ids)
+    mix = {key: torch.stack([masks[t][key] for t in task_ids]).double().mean(0)
+           for key in net.layer_shapes()}
+    bn = {key: bank.mixed_bn_stats(key, bank.rows(task_ids), torch.ones(k)).double()
+          for key in net.bn_features()}
+    fn = get_objective(objective, net.spec.num_classes)
+    net64.eval()
+    out = torch.zeros(x.shape[0], k, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        leaves = {key: m.clone().requires_grad_(True) for key, m in mix.items()}
+        with bind(net64, _MixtureBinding(leaves, bn)):
+            obj = fn(net64(x[b:b + 1].double())).sum()
+        grads = torch.autograd.grad(obj, list(leaves.values()))
+        for key, g in zip(leaves, grads):
+            stack = torch.stack([masks[t][key] for t in task_ids]).double()
+            out[b] += (stack.reshape(k, -1) @ g.reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("objective", ["entropy", "g"])
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+def test_a_mixed_batch_gets_each_queries_one_image_answer(trained: tuple, method: str,
+                                                          objective: str) -> None:
+    net, bank, tasks = trained
+    x, truth = _mixed(tasks)
+    engine = InferenceEngine(net, bank, objective=objective)
+    result = engine.infer(x, method=method)
+    one_image = [int(infer_task(net, bank, x[b:b + 1], method=method, objective=objective,
+                                mode="one_image").task_id) for b in range(x.shape[0])]
+    assert result.task_ids.tolist() == one_image
+    assert result.task_ids.tolist() == truth.tolist()
+    assert result.mode == "per_example" and result.gradients.shape == (x.shape[0], NUM_TASKS)
+    classes = engine.classify(x, result.task_ids)
+    for t in range(NUM_TASKS):  # the trained tasks classify their own examples well
+        sel = truth == t
+        y = torch.cat([tasks.get(t, "test", torch.tensor([i]))[1] for i in range(int(sel.sum()))])
+        assert float((classes[sel] == y).float().mean()) >= 0.8
+
+
+@pytest.mark.parametrize("digits", [2, 3])
+@pytest.mark.parametrize("objective", ["entropy", "g"])
+@pytest.mark.parametrize("name", list(NETS))
+def test_gradients_are_within_the_stated_tolerance_of_float64(name: str, objective: str,
+                                                              digits: int) -> None:
+    net = NETS[name]()
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    bank = _random_bank(net, ids)
+    masks = _random_masks(net, ids)
+    x = torch.randn(9, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    for task_ids in (ids, [13, 10, 16]):  # every task; a reordered subset
+        engine = InferenceEngine(net, bank, objective=objective, task_ids=task_ids,
+                                 digits=digits, block_queries=4)
+        got = engine.gradients(x).double()
+        ref = _reference(net, bank, masks, task_ids, x, objective)
+        scale = ref.abs().amax(1, keepdim=True)
+        assert bool(((got - ref).abs() <= REL[digits] * scale).all()), (
+            float(((got - ref).abs() / scale).max()))
+        one_image = torch.stack([alpha_gradients(net, bank, x[b:b + 1], bank.rows(task_ids),
+                                                 objective) for b in range(x.shape[0])])
+        assert torch.equal(got.argmin(1), one_image.argmin(1))
+
+
+def test_memory_is_bounded_by_the_blocks_not_the_batch() -> None:
+    """4,096 queries hold no more at once than 64 do: blocks of queries, blocks of tasks."""
+    net = _fc(hidden=(64, 32))
+    bank = _random_bank(net, list(range(40)))
+    small = InferenceEngine(net, bank, block_queries=64, budget_bytes=1 << 18)
+    large = InferenceEngine(net, bank, block_queries=64, budget_bytes=1 << 18)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4096, 1, SIDE, SIDE, generator=g)
+    got = large.gradients(x)
+    small.gradients(x[:64])
+    assert got.shape == (4096, 40)
+    assert 0 < large.peak_block_bytes == small.peak_block_bytes
+    # the buffers: a task block within the budget, and one block of queries' factors
+    widths = sum(s[0] + s[1] for s in net.layer_shapes().values())
+    assert large.peak_block_bytes <= (1 << 18) + 64 * widths * 4
+    # every block of queries answers like one query alone
+    sample = torch.arange(0, 4096, 511)
+    rows = bank.rows(None)
+    alone = torch.stack([alpha_gradients(net, bank, x[b:b + 1], rows) for b in sample.tolist()])
+    assert torch.equal(got[sample].argmin(1), alone.argmin(1))
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_shards_of_task_ranges_give_exactly_the_unsharded_gradients(name: str) -> None:
+    """The uniform mixture sums over shards, and each shard's slice of dObj/dalpha comes from the
+    same per-query factors: concatenated, they are the whole bank's gradients (bit for bit over
+    linear layers, whose per-row sums are exact integers; within float32 rounding over conv
+    layers, whose float products sum in blocks shaped by the number of rows)."""
+    net = NETS[name]()
+    ids = list(range(9))
+    whole = _random_bank(net, ids)
+    shards = [whole.subset(ids[:4]), whole.subset(ids[4:])]
+    x = torch.randn(5, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(8))
+    mixture = Mixture.combine([Mixture.of(s, s.rows(None)) for s in shards])
+    for key, c in Mixture.of(whole, whole.rows(None)).counts.items():
+        assert torch.equal(mixture.counts[key], c)
+    factors = query_factors(net, mixture, x)
+    parts = [factor_gradients(s, s.rows(None), net, factors) for s in shards]
+    got, want = torch.cat(parts, 1), InferenceEngine(net, whole).gradients(x)
+    if name == "fc":
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got.argmin(1), want.argmin(1))
+
+
+def test_bad_settings_are_named() -> None:
+    net = _fc()
+    bank = _random_bank(net, [0, 1])
+    with pytest.raises(ValueError, match="digits must be 2 or 3"):
+        InferenceEngine(net, bank, digits=5)
+    with pytest.raises(ValueError, match="the mask bank is empty"):
+        InferenceEngine(net, MaskBank(net.layer_shapes()))
+    with pytest.raises(ValueError, match="unknown inference method 'nope'"):
+        InferenceEngine(net, bank).infer(torch.zeros(1, 1, SIDE, SIDE), method="nope")
+    with pytest.raises(KeyError, match="task 7 was never learned"):
+        InferenceEngine(net, bank, task_ids=[7])
