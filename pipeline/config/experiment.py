@@ -27,10 +27,23 @@ from pipeline.config.sections import (
 from supsup.networks import NetworkSpec
 from supsup.train import TrainConfig
 
-# Training fields only the supermask job (model supsup, scenario gg_gn) acts on: (field, default,
-# the default as written in YAML).
-_SUPERMASK_ONLY = (("precision", "fp32", "fp32"), ("fused", False, "false"),
-                   ("data_parallel_workers", 1, "1"))
+# Train fields other jobs than the supermask job (model supsup, scenario gg_gn) never read, with
+# why: (fields, reason). Set to anything but their default there, they are refused by name.
+_FP32_ONE_PROCESS = (("precision", "fused", "data_parallel_workers"),
+                     "it trains in float32, unfused, in one process")
+_IGNORED_TRAIN_FIELDS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "baseline": (_FP32_ONE_PROCESS, (("rule", "density", "erdos_renyi_scale"),
+                                     "a baseline learns weights, not masks")),
+    "nns": (_FP32_ONE_PROCESS, (("steps", "epochs"), "the stream feeds "
+                                "discovery.batches_per_task batches of each task")),
+    "hopfield": (_FP32_ONE_PROCESS,),
+}
+
+
+def _as_yaml(value: Any) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class SweepDomain(Section):
@@ -182,23 +195,24 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _no_ignored_training_fields(self) -> ExperimentConfig:
-        """The baselines, discovery and the Hopfield reservoir train in float32 with torch.optim
-        in one process: a bf16, fused or data-parallel setting would be ignored without a word,
-        and the run would not be the one asked for."""
+        """The baselines, discovery and the Hopfield reservoir read only part of the train
+        section (they train in float32 with torch.optim in one process; a baseline has no masks;
+        a stream has no step count): a field they never read, set anyway, would be ignored
+        without a word and the run would not be the one asked for."""
         if self.model != "supsup":
-            job = f"model {self.model!r} (a baseline)"
+            job, kind = f"model {self.model!r} (a baseline)", "baseline"
         elif self.scenario != "gg_gn":
-            job = f"scenario {self.scenario!r}"
+            job, kind = f"scenario {self.scenario!r}", self.scenario
         else:
             return self
-        for name, default, written in _SUPERMASK_ONLY:
-            value = getattr(self.train, name)
-            if value != default:
-                value = str(value).lower() if isinstance(value, bool) else value
-                raise field_error(f"train.{name}", (
-                    f"{job} ignores train.{name} (it trains in float32, unfused, in one "
-                    f"process), but it is set to {value}; set train.{name}: {written} or "
-                    "remove it, or train the supermasks with model: supsup and scenario: gg_gn"))
+        for names, reason in _IGNORED_TRAIN_FIELDS[kind]:
+            for name in names:
+                value, default = getattr(self.train, name), TrainSection.model_fields[name].default
+                if value != default:
+                    raise field_error(f"train.{name}", (
+                        f"{job} ignores train.{name} ({reason}), but it is set to "
+                        f"{_as_yaml(value)}; set train.{name}: {_as_yaml(default)} or remove it, "
+                        "or train supermasks with model: supsup and scenario: gg_gn"))
         return self
 
     # ------------------------------------------------------------------ derived settings

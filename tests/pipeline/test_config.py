@@ -344,6 +344,21 @@ def test_training_fields_a_job_ignores_are_refused_by_name(job: dict, field: str
     assert getattr(parse_config(job).train, field) != value
 
 
+@pytest.mark.parametrize("raw, field, default", [
+    ({"model": "dense", "train": {"rule": "topk", "density": 0.5}}, "rule", "threshold"),
+    ({"model": "psp", "train": {"erdos_renyi_scale": 1.0, "rule": "topk"}}, "rule", "threshold"),
+    ({"model": "batchensemble", "train": {"density": 0.5}}, "density", "null"),
+    ({"scenario": "nns", "train": {"steps": 50}}, "steps", "1000"),
+    ({"scenario": "nns", "train": {"epochs": 2}}, "epochs", "null"),
+])
+def test_mask_and_step_fields_a_job_never_reads_are_refused(raw: dict, field: str,
+                                                            default: str) -> None:
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: train\.{field}: .* ignores "
+                                          rf"train\.{field} \(.*\), but it is set to .*; set "
+                                          rf"train\.{field}: {default} or remove it"):
+        parse_config(raw, "exp.yaml")
+
+
 def test_an_empty_config_file_is_refused(tmp_path: Path) -> None:
     for text in ("", "\n", "# only a comment\n"):
         path = tmp_path / "empty.yaml"
