@@ -416,16 +416,18 @@ def test_a_file_of_nested_aliases_gives_one_short_error_line(
     assert len(done.stderr.encode()) < 1024 and done.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("set_model, field", [("model=dense", "train.precision=bf16"),
-                                              ("model=psp", "train.fused=true"),
-                                              ("scenario=nns", "train.precision=bf16"),
-                                              ("scenario=nns", "train.fused=true")])
+@pytest.mark.parametrize("options, name", [
+    (["model=dense", "train.precision=bf16"], "train.precision"),
+    (["model=psp", "train.fused=true"], "train.fused"),
+    (["model=dense", "train.rule=topk", "train.density=0.5"], "train.rule"),
+    (["scenario=nns"], "train.steps"),  # the probe config's steps: 20
+    (["scenario=nns", "train.steps=1000", "train.fused=true"], "train.fused"),
+])
 def test_training_fields_a_job_would_ignore_are_refused_before_anything_is_written(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], set_model: str, field: str) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], name: str) -> None:
     config = _config(tmp_path, network={"name": "fc", "hidden": [16]})
-    done = _in_process(capsys, "train", str(config), "--set", set_model, "--set", field)
+    done = _in_process(capsys, "train", str(config), *[a for o in options for a in ("--set", o)])
     assert done.returncode == 2
-    name = field.split("=")[0]
     assert f"{name}: " in _one_error(done) and f"ignores {name}" in _one_error(done)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml"]
 
