@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +102,13 @@ def test_unreachable_server_fails_fast_and_trains_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     config_path = _write_config(tmp_path, None)
-    start = time.monotonic()
     code = main(["train", str(config_path), "--set", f"tracking.uri={uri}"])
-    seconds = time.monotonic() - start
     assert code == 2
-    assert seconds < 20, f"took {seconds:.1f} s: MLflow's retries were not cut short"
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
     assert uri in errors[0] and "connection refused" in errors[0]
+    # the one GET of the health check answered it, not MLflow's client with its retries
+    assert f"GET {uri}/health failed" in errors[0] and "retries" not in errors[0]
     assert "tracking.uri" in errors[0] and "MLFLOW_TRACKING_URI" in errors[0]
     root = tmp_path / "registry"
     assert not root.exists() or MaskRegistry(root).banks() == []
