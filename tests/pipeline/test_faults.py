@@ -172,14 +172,32 @@ def test_export_to_an_existing_file_and_foreign_files_are_named(trained: Path) -
         dest.unlink()
 
 
-def test_a_full_disk_is_named_and_keeps_what_was_stored(tmp_path: Path) -> None:
-    """The registry on a 1 MiB tmpfs (its own mount namespace): the masks of 4 lenet tasks do
-    not fit, so writing fails partway with ENOSPC."""
-    small = tmp_path / "small"
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_is_named_and_keeps_what_was_stored(
+        ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bank of 4 tasks on a 1 MiB tmpfs (its own mount namespace) grown to 40 tasks: their
+    masks do not fit, so writing fails partway with ENOSPC. The 4 stored tasks keep every byte,
+    and the bank as left (a copy taken inside the namespace) verifies and loads."""
+    from pipeline.registry import load_bank
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    train = {"group_size": 4}
+    done = _in_process(capsys, "train", str(_config(seed, tasks={"num_tasks": 4}, train=train)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = _hashes(seed / "registry")
+    assert MaskRegistry(seed / "registry").tasks("probe") == [0, 1, 2, 3]
+    small, kept = tmp_path / "small", tmp_path / "kept"
     small.mkdir()
     config = _config(tmp_path, registry={"root": str(small / "registry")},
-                     tasks={"num_tasks": 40}, train={"group_size": 4})
-    script = f"mount -t tmpfs -o size=1m tmpfs {small} && exec {SUPSUP} train {config}"
+                     tasks={"num_tasks": 40}, train=train)
+    script = (f"mount -t tmpfs -o size=1m tmpfs {small} && cp -a {seed / 'registry'} {small} && "
+              f"{{ {SUPSUP} train {config}; code=$?; cp -a {small / 'registry'} {kept}; "
+              "exit $code; }")
     full = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     full.pop("RAY_ADDRESS", None)
     done = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=full,
@@ -189,6 +207,14 @@ def test_a_full_disk_is_named_and_keeps_what_was_stored(tmp_path: Path) -> None:
     assert "No space left on device" in error or "no space left" in error, error
     assert "retries were used up" not in error
     assert _running(tmp_path) == []
+    after = _hashes(kept)
+    assert {k: after.get(k) for k in stored} == stored  # every stored byte, checksums included
+    registry = MaskRegistry(kept)
+    tasks = registry.tasks("probe")
+    assert tasks[:4] == [0, 1, 2, 3] and len(tasks) < 40, tasks
+    assert registry.verify("probe").all_ok, registry.verify("probe").problems
+    bank, _ = load_bank(registry.source("probe"))
+    assert bank.task_ids == tasks
 
 
 def _wait_for_tasks(root: Path, bank: str, proc: subprocess.Popen[bytes]) -> list[int]:
