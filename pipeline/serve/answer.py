@@ -1,6 +1,10 @@
 """The one place a served bank answers rows: each row's task (Section 3.3), then its class under
 that task's mask. `mlflow models serve` (pipeline.tracking.pyfunc) and `supsup serve`
 (pipeline.serve.app) both answer through `Answerer`, so the two servers give the same answers.
+
+Rows are answered by `supsup.engine.InferenceEngine`: many rows per pass over the packed bank,
+each row getting the answer the one-image path gives it alone. An engine computes the bank's
+uniform mixture once, so one is kept per objective.
 """
 
 from __future__ import annotations
@@ -11,12 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from supsup.bank import MaskBank
-from supsup.binding import use_task
+from supsup.engine import InferenceEngine
 from supsup.inference import infer_task
 from supsup.networks import SupermaskNet
-
-# per_example inference keeps (rows, weights) gradients: bound the rows of one pass.
-_PER_EXAMPLE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -58,31 +59,23 @@ class Answerer:
     def __init__(self, net: SupermaskNet, bank: MaskBank) -> None:
         self.net = net.eval()
         self.bank = bank
+        self.engines: dict[str, InferenceEngine] = {}
+
+    def engine(self, objective: str) -> InferenceEngine:
+        """The engine of `objective`, made (the bank's mixture computed) on first use."""
+        if objective not in self.engines:
+            self.engines[objective] = InferenceEngine(self.net, self.bank, objective=objective)
+        return self.engines[objective]
 
     def answer(self, x: torch.Tensor, method: str = "one_shot",
                objective: str = "entropy") -> Answers:
         """Each row's own task and class: x (B, *input_shape), normalised."""
         if x.shape[0] == 0:
             return _empty()
-        task_ids, confidence = [], []
-        for start in range(0, x.shape[0], _PER_EXAMPLE_ROWS):
-            result = infer_task(self.net, self.bank, x[start:start + _PER_EXAMPLE_ROWS],
-                                method=method, objective=objective, mode="per_example")
-            task_ids.append(result.task_ids)
-            confidence.append(result.confidence)
-        chosen = torch.cat(task_ids)
-        return Answers(chosen, self.classify(x, chosen), torch.cat(confidence).double())
-
-    def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) argmax over the real classes, each row under its own task's mask."""
-        classes = torch.empty(x.shape[0], dtype=torch.long)
-        with torch.no_grad():
-            for t in task_ids.unique().tolist():
-                sel = task_ids == t
-                with use_task(self.net, self.bank, int(t)):
-                    logits = self.net(x[sel.to(x.device)])[:, :self.net.spec.num_classes]
-                classes[sel] = logits.argmax(-1).cpu()
-        return classes
+        engine = self.engine(objective)
+        result = engine.infer(x, method=method)
+        return Answers(result.task_ids, engine.classify(x, result.task_ids),
+                       result.confidence.double())
 
     def predict(self, x: torch.Tensor, options: Mapping[str, str]) -> Answers:
         """Answers in any inference mode: per_example through `answer`; "batch" and
@@ -92,5 +85,5 @@ class Answerer:
             return self.answer(x, options["method"], options["objective"])
         result = infer_task(self.net, self.bank, x, method=options["method"],
                             objective=options["objective"], mode=options["mode"])
-        return Answers(result.task_ids, self.classify(x, result.task_ids),
-                       result.confidence.double())
+        classes = self.engine(options["objective"]).classify(x, result.task_ids)
+        return Answers(result.task_ids, classes, result.confidence.double())

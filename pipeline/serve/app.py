@@ -89,6 +89,7 @@ class BankReplica:
             bank, spec = load_bank(source, self.device)
         self.version = version
         self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank)
+        self.answerer.engine(version.defaults.get("objective", "entropy"))  # not on a request
         # One pass at a time: answering installs bindings on the shared network.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank")
         self.counts = {"requests": 0, "batches": 0, "largest_batch": 0}
