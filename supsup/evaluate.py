@@ -8,12 +8,13 @@ scored as it is. Task-inference accuracy is the fraction of inferences that name
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from supsup.bank import MaskBank
 from supsup.binding import use_scores, use_task
+from supsup.engine import InferenceEngine
 from supsup.inference import infer_task
 from supsup.networks import SupermaskNet
 from supsup.scores import TaskScores
@@ -110,6 +111,137 @@ def evaluate_task(
     )
 
 
+@dataclass
+class _Tally:
+    """Running counts of one task's evaluation."""
+
+    n: int = 0
+    gg: int = 0
+    gn: int = 0
+    per_example: int = 0
+    right: int = 0
+    inferences: int = 0
+    inferred: dict[int, int] = field(default_factory=dict)
+
+    def result(self, task_id: int, split: str) -> TaskEvaluation:
+        if self.n == 0:
+            raise ValueError(f"task {task_id} has no {split} examples to evaluate")
+        return TaskEvaluation(task_id, self.n, self.gg / self.n, self.gn / self.n,
+                              self.per_example / self.n, self.right / self.inferences,
+                              self.inferences, dict(self.inferred))
+
+
+@dataclass
+class _Pending:
+    """One test batch waiting for its queries' answers: where it came from, its labels, the
+    predictions with its own task's mask, and the queries (its first image, or all of it)."""
+
+    task_id: int
+    start: int
+    y: torch.Tensor
+    pred: torch.Tensor
+    queries: torch.Tensor
+
+
+def evaluate_group(
+    net: SupermaskNet,
+    bank: MaskBank,
+    tasks: TaskSet,
+    task_ids: Sequence[int],
+    *,
+    gn: bool = True,
+    batch_size: int = 128,
+    method: str = "one_shot",
+    objective: str = "entropy",
+    mode: str = "one_image",
+    split: str = "test",
+    candidates: Sequence[int] | None = None,
+    max_batches: int | None = None,
+    digits: int = 2,
+    queries_per_pass: int = 256,
+) -> list[TaskEvaluation]:
+    """`evaluate_task` for many tasks, with the queries of all their test batches answered
+    together by the batched engine (`supsup.engine`): the first image of each batch (the paper's
+    protocol, `one_image`) or every image (`per_example`), `queries_per_pass` per pass over the
+    bank. Each query gets the answer the one-image path gives it, so the counts are the same;
+    `batch` mode (one objective over a whole batch) and GG alone keep `evaluate_task`."""
+    if not gn or mode == "batch":
+        return [evaluate_task(net, bank, tasks, t, gn=gn, batch_size=batch_size, method=method,
+                              objective=objective, mode=mode, split=split,
+                              candidates=candidates, max_batches=max_batches)
+                for t in task_ids]
+    for t in task_ids:
+        bank.row(t)
+    engine = InferenceEngine(net, bank, objective=objective, task_ids=candidates,
+                             digits=digits, block_queries=queries_per_pass)
+    net.eval()
+    tallies = {int(t): _Tally() for t in task_ids}
+    pending: list[_Pending] = []
+
+    def answer() -> None:
+        if not pending:
+            return
+        chosen = engine.infer(torch.cat([p.queries for p in pending]), method).task_ids
+        offset = 0
+        for p in pending:
+            size = p.queries.shape[0]
+            _score(net, bank, tasks, split, p, chosen[offset:offset + size], tallies[p.task_id])
+            offset += size
+        pending.clear()
+
+    queued = 0
+    for t in task_ids:
+        for i, (x, y) in enumerate(tasks.eval_batches(t, split, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            y = y.cpu()
+            pred = _predict(net, bank, t, x, tasks.num_classes)
+            tally = tallies[int(t)]
+            tally.n += y.numel()
+            tally.gg += int((pred == y).sum())
+            queries = x[:1] if mode == "one_image" else x
+            pending.append(_Pending(int(t), i * batch_size, y, pred, queries))
+            queued += queries.shape[0]
+            if queued >= queries_per_pass:
+                answer()
+                queued = 0
+    answer()
+    return [tallies[int(t)].result(int(t), split) for t in task_ids]
+
+
+def _score(net: SupermaskNet, bank: MaskBank, tasks: TaskSet, split: str, p: _Pending,
+           chosen: torch.Tensor, tally: _Tally) -> None:
+    """Count one batch's GN results from the tasks its queries were given."""
+    if chosen.numel() == 1:  # one image decides the whole batch
+        task = int(chosen[0])
+        ok = task == p.task_id
+        if ok:
+            gn_pred = p.pred
+        else:  # rare: the batch again, classified with the mask it was given
+            pos = torch.arange(p.start, p.start + p.y.numel(), device=tasks.device)
+            gn_pred = _predict(net, bank, task, tasks.get(p.task_id, split, pos)[0],
+                               tasks.num_classes)
+        hit = gn_pred == p.y
+        tally.per_example += int(hit.sum())
+        tally.gn += int(hit.sum()) if ok else 0
+        tally.right += int(ok)
+        tally.inferences += 1
+        tally.inferred[task] = tally.inferred.get(task, 0) + 1
+        return
+    gn_pred = p.pred.clone()
+    for t in chosen.unique().tolist():
+        if t != p.task_id:
+            sel = chosen == t
+            gn_pred[sel] = _predict(net, bank, t, p.queries[sel], tasks.num_classes)
+    hit, ok = gn_pred == p.y, chosen == p.task_id
+    tally.per_example += int(hit.sum())
+    tally.gn += int((hit & ok).sum())
+    tally.right += int(ok.sum())
+    tally.inferences += p.y.numel()
+    for t, c in zip(*chosen.unique(return_counts=True)):
+        tally.inferred[int(t)] = tally.inferred.get(int(t), 0) + int(c)
+
+
 def evaluate_tasks(
     net: SupermaskNet,
     bank: MaskBank,
@@ -143,6 +275,7 @@ def summarize(results: Sequence[TaskEvaluation]) -> dict[str, float]:
         inf = sum(r.inferences for r in results)
         out["task_inference_accuracy"] = sum(
             r.task_inference_accuracy * r.inferences for r in results) / inf
+        out["inferences"] = float(inf)
     return out
 
 

@@ -10,6 +10,7 @@ from supsup.bank import MaskBank
 from supsup.binding import use_task
 from supsup.evaluate import (
     TaskEvaluation,
+    evaluate_group,
     evaluate_task,
     evaluate_tasks,
     scores_accuracy,
@@ -164,6 +165,27 @@ def test_evaluate_tasks_covers_the_bank_in_order_with_a_callback(trained: tuple)
     assert [e.task_id for e in only] == [0] and only[0].accuracy_gn is None
 
 
+@pytest.mark.parametrize(("mode", "method"), [("one_image", "one_shot"),
+                                              ("per_example", "one_shot"),
+                                              ("one_image", "binary")])
+@pytest.mark.parametrize("candidates", [None, [1, 2]])
+def test_a_group_answered_together_counts_what_each_task_alone_counts(
+        trained: tuple, mode: str, method: str, candidates: list[int] | None) -> None:
+    """The engine answers every test batch's queries of the group in shared passes (3 queries a
+    pass here, so passes mix tasks and batches); the counts equal the one-query-at-a-time path,
+    also when every inference is wrong (task 0 among candidates 1 and 2)."""
+    net, result, tasks = trained
+    bank = _bank(net, result, {t: t for t in range(NUM_TASKS)})
+    options = dict(batch_size=30, mode=mode, method=method, candidates=candidates,
+                   max_batches=5 if mode == "one_image" else 2)
+    alone = [evaluate_task(net, bank, tasks, t, **options) for t in range(NUM_TASKS)]
+    together = evaluate_group(net, bank, tasks, list(range(NUM_TASKS)), queries_per_pass=3,
+                              **options)
+    assert together == alone
+    assert sum(r.inferences for r in together) == NUM_TASKS * (
+        5 if mode == "one_image" else 60)
+
+
 def test_summarize_weights_by_examples_and_inferences() -> None:
     a = TaskEvaluation(0, 100, 0.9, 0.5, 0.7, 0.5, inferences=2, inferred={0: 1, 1: 1})
     b = TaskEvaluation(1, 300, 0.5, 0.3, 0.4, 1.0, inferences=6, inferred={1: 6})
@@ -173,6 +195,7 @@ def test_summarize_weights_by_examples_and_inferences() -> None:
     assert s["accuracy_gn"] == pytest.approx((0.5 * 100 + 0.3 * 300) / 400)
     assert s["accuracy_gn_per_example"] == pytest.approx((0.7 * 100 + 0.4 * 300) / 400)
     assert s["task_inference_accuracy"] == pytest.approx((0.5 * 2 + 1.0 * 6) / 8)
+    assert s["inferences"] == 8.0
 
 
 def test_summarize_leaves_out_gn_unless_every_task_has_it() -> None:
