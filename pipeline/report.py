@@ -38,6 +38,10 @@ def markdown(report: EvalReport, title: str) -> str:
             f"| GN accuracy, per example | {_pct(s['accuracy_gn_per_example'])} |",
             f"| task-inference accuracy | {_pct(s['task_inference_accuracy'])} |",
         ]
+        if "inferences" in s:
+            per = ("one per test batch" if report.settings.get("mode") == "one_image"
+                   else "one per test example")
+            lines.append(f"| task inferences made | {int(s['inferences']):,} ({per}) |")
     if report.curve:
         lines += ["", "## Accuracy against tasks learned", "",
                   "| tasks learned | GN accuracy | task inference | GG accuracy |",

@@ -148,6 +148,10 @@ class EvaluateSection(Section):
     batch_size: Int = Field(128, ge=1)
     group_size: Int = Field(25, ge=1)  # tasks evaluated by one worker
     max_batches: Int | None = Field(None, ge=1)  # test batches per task; None: the whole split
+    # The batched engine: queries answered per pass over the bank (one_image and per_example
+    # modes), and int8 digits of the fixed-point layer factors (2: 2**-14, 3: 2**-22 precision).
+    queries_per_pass: Int = Field(256, ge=1)
+    digits: Literal[2, 3] = 2
     curve_points: Int = Field(6, ge=0)  # points on the accuracy-vs-tasks-learned curve
     curve_tasks: Int = Field(10, ge=1)  # tasks sampled at each curve point
 

@@ -50,6 +50,11 @@ def test_run_trains_registers_and_evaluates(trained: Path,
     assert report["summary"]["task_inference_accuracy"] >= 0.9
     assert report["summary"]["accuracy_gg"] >= 0.5
     assert [c["tasks_learned"] for c in report["curve"]] == [2, 4, 6]
+    # one inference per test batch (3 batches of each of the 6 tasks), all answered by the
+    # batched engine, and the count is in the report a person reads
+    assert report["summary"]["inferences"] == 18 and report["schema_version"] == 3
+    assert "| task inferences made | 18 (one per test batch) |" in (
+        config.run_dir / "evaluation" / "report.md").read_text()
     # where the numbers came from: the evaluation's MLflow run, the version it evaluated
     assert report["model_version"] == 1 and report["summary"]["tasks"] == 6
     run = MlflowClient(config.tracking_uri).get_run(report["run_id"])
