@@ -3,8 +3,8 @@
 The version is resolved and its masks loaded once here, through `load_bank` (snapshot checked),
 before Ray starts: a version whose snapshot the mask registry no longer holds is refused with one
 error line and nothing is served. Ray is local, or the cluster `--address` / cluster.address /
-RAY_ADDRESS names, as for the other commands. Ctrl-C (or SIGTERM) deletes the application and,
-when Ray was started here, stops it.
+RAY_ADDRESS names, as for the other commands. Ctrl-C (or SIGTERM) stops serving: a local Ray and
+its Serve are shut down; on a joined cluster only this application is deleted.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def checked_version(model_uri: str, tracking_uri: str) -> Any:
 def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
               overrides: tuple[str, ...], address: str | None) -> int:
     """Serve MODEL_URI until interrupted; 0 once stopped."""
-    from pipeline.cluster import ray_session
+    from pipeline.cluster import cluster_address, ray_session
     from pipeline.commands import resolve_tracking_uri
 
     config = _load_config(config_path, overrides)
     uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
     version = checked_version(model_uri, uri)
     settings: ServeSection = config.serve
+    joined = cluster_address(config.cluster, address) is not None
     with ray_session(config.cluster, address):
         from ray import serve
 
@@ -80,7 +81,9 @@ def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
         except KeyboardInterrupt:
             log.info("stopping %s", name)
         finally:
-            serve.delete(name)
-            serve.shutdown()
+            if joined:  # the cluster's Serve keeps running, with its other applications
+                serve.delete(name)
+            else:
+                serve.shutdown()
     print(f"stopped serving {version.model_uri}", flush=True)
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -36,7 +38,7 @@ from supsup.networks import build_network
 from supsup.scores import TaskScores
 from supsup.tasks import PermutedTasks
 from supsup.train import TrainConfig, train_group
-from tests.pipeline.servers import _tail, free_port, stop_group
+from tests.pipeline.servers import Guarded, _tail, free_port, stop_group
 
 pytestmark = pytest.mark.cluster
 
@@ -98,30 +100,35 @@ class Server:
         self.proc, self.url, self.log = proc, url, log
 
 
+def _start_serving(uri: str, db: str, work: Path, env: dict[str, str],
+                   *extra: str) -> Server:
+    """`supsup serve URI` as its own process (in a group of its own, stopped if this process
+    dies), once it prints where it serves."""
+    log, port = work / "serve.log", free_port()
+    cmd = [str(Path(sys.executable).parent / "supsup"), "serve", uri, "--tracking-uri", db,
+           "--set", f"serve.port={port}", *extra]
+    proc = Guarded(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work, env=env)
+    deadline = time.monotonic() + 300
+    while "serving models:/" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc)
+            raise RuntimeError(f"supsup serve did not start (exit {proc.poll()}):\n{_tail(log)}")
+        time.sleep(0.5)
+    return Server(proc, f"http://127.0.0.1:{port}", log)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, registered: dict) -> Iterator[Server]:
-    work = tmp_path_factory.mktemp("serve")
-    log, port = work / "serve.log", free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(Path(sys.executable).parent / "supsup"), "serve", registered["uri"],
-           "--tracking-uri", registered["db"], "--set", f"serve.port={port}",
-           "--set", "serve.max_batch_size=8", "--set", "serve.batch_wait_timeout_s=0.05",
-           "--set", "serve.max_rows_per_request=64", "--set", "cluster.num_cpus=2"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    served = _start_serving(registered["uri"], registered["db"], tmp_path_factory.mktemp("serve"),
+                            env, "--set", "serve.max_batch_size=8",
+                            "--set", "serve.batch_wait_timeout_s=0.05",
+                            "--set", "serve.max_rows_per_request=64", "--set", "cluster.num_cpus=2")
     try:
-        deadline = time.monotonic() + 300
-        while "serving models:/" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"supsup serve did not start (exit {proc.poll()}):\n"
-                                   f"{_tail(log)}")
-            time.sleep(0.5)
-        yield Server(proc, url, log)
+        yield served
     finally:
-        stop_group(proc, seconds=60, first=signal.SIGINT)
+        stop_group(served.proc, seconds=60, first=signal.SIGINT)
 
 
 def _call(url: str, body: bytes | None = None, timeout: float = 120) -> tuple[int, Any, bytes]:
@@ -319,3 +326,42 @@ def test_serve_has_its_own_help_and_checks_its_settings(
     err = capsys.readouterr().err
     assert err.startswith("error: --set: serve.max_batch_size:") and "greater than" in err
     assert not (tmp_path / "none.db").exists()  # refused before anything was opened
+
+
+def test_serve_joins_a_cluster_and_leaves_it_running(tmp_path: Path, registered: dict) -> None:
+    """With --address, the application runs on a `ray start --head` cluster; Ctrl-C deletes the
+    application and leaves the cluster (and its Serve) running."""
+    bin_dir = Path(sys.executable).parent
+    root = tempfile.mkdtemp(prefix="sv", dir="/tmp")  # short: socket paths have a length limit
+    env = {**os.environ, "RAY_TMPDIR": root, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{free_port()}"
+    head = Guarded([str(bin_dir / "ray"), "start", "--head", f"--port={address.split(':')[1]}",
+                    "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--object-store-memory=200000000", "--include-dashboard=false",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
+                    f"--metrics-export-port={free_port()}", "--disable-usage-stats", "--block"],
+                   env=env, stdout=(tmp_path / "head.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        served = _start_serving(registered["uri"], registered["db"], tmp_path, env,
+                                "--address", address)
+        try:
+            status, body, _ = _call(f"{served.url}/health")
+            assert status == 200 and body["model_uri"] == registered["uri"], body
+        finally:
+            stop_group(served.proc, seconds=60, first=signal.SIGINT)
+        assert served.proc.returncode == 0, _tail(served.log)
+        assert "stopped serving" in served.log.read_text()
+        probe = ("import ray\nfrom ray import serve\nray.init()\n"
+                 "print('apps', sorted(serve.status().applications))\n")
+        done = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_ADDRESS": address},
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "apps []" in done.stdout, done.stdout  # the cluster is up, the app is gone
+    finally:
+        stop_group(head, seconds=30)
+        shutil.rmtree(root, ignore_errors=True)
