@@ -6,7 +6,7 @@ to the MLflow model and to lookups. It names its content by hash, so whoever loa
 (`pipeline.registry.load_bank`, the only loader) checks that it gets exactly that content:
 
 - `manifest_sha256`: the hash of the bank's manifest (network spec and seed, layer shapes, BN
-  layers, mask rule, task family and data set);
+  layers, mask rule, task family and data set, and the training recipe where it is recorded);
 - `snapshot_sha256`: a hash over the manifest hash and the checksums of the listed tasks, in id
   order (`snapshot_hash`), so a model version pinned to tasks 0-1 still loads after the bank grew
   to 4 tasks, and refuses to load once task 0 or 1 changed.

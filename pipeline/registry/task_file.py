@@ -4,8 +4,10 @@
 per BatchNorm layer ("bn"). How `data` is packed and what `sha256` covers is written into the
 Parquet schema's field metadata, so a reader needs no code from this project (a test decodes a
 mask with numpy alone). The file's key-value metadata records:
-- `supsup.manifest_sha256`: the hash of the bank manifest it was written under. A file read
-  under any other manifest (an edited manifest, a file copied in from another bank) is refused;
+- `supsup.manifest_sha256`: the hash of the bank manifest it was written under, which covers the
+  training recipe. A file read under any other manifest (an edited manifest, a file copied in
+  from another bank, one of the same name, seed and network trained with other steps included)
+  is refused;
 - `supsup.task_sha256`: the task's checksum, a hash of that manifest hash, the task id and every
   row's sha256; a bank snapshot's hash is built from these;
 - `supsup.task_metadata`: informational per-task values (accuracy, seconds, ...), outside every
@@ -325,8 +327,9 @@ def read_task_file(store: Store, path: str, bank: str, task_id: int,
             raise FileProblem(
                 f"written under manifest {written_under[:12] or '<none>'}, but bank {bank!r} has "
                 f"manifest {manifest_hash[:12]}: the manifest was edited after this file was "
-                "written, or the file belongs to another bank; it is never adopted (restore the "
-                "manifest, or move the file out of the bank)")
+                "written, or the file belongs to another bank (or one trained with another "
+                "recipe); it is never adopted (restore the manifest, or move the file out of the "
+                "bank)")
         check_schema(table.schema)
         cols = table.to_pydict()
         rows = []
