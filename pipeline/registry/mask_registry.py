@@ -316,6 +316,14 @@ class MaskRegistry:
         Reads only the task files' footers, so it is cheap on the driver; every loader verifies
         the rows against it. BankMismatchError naming the files written under another manifest.
         """
+        digest = self.manifest_hash(bank)
+        checks = self.checksums(bank, task_ids)
+        return BankSource(bank, digest, snapshot_hash(digest, checks), tuple(checks),
+                          root=self.root)
+
+    def checksums(self, bank: str, task_ids: Iterable[int] | None = None) -> dict[int, str]:
+        """{task_id: task_sha256} of the bank's tasks (all, or `task_ids`) in id order, from the
+        footers alone: what a snapshot hash is made of (e.g. one range of a sharded bank)."""
         manifest = self.manifest(bank)
         digest = manifest["manifest_sha256"]
         ids = self.select(bank, task_ids)
@@ -329,8 +337,7 @@ class MaskRegistry:
                 f"another bank or task, or under another manifest than the bank's "
                 f"{MANIFEST_FILE} (was it edited, or were files copied in by hand?); they are "
                 f"never adopted. {ADVICE}")
-        checks = {t: task for t, (_, _, _, task) in zip(ids, footers)}
-        return BankSource(bank, digest, snapshot_hash(digest, checks), tuple(ids), root=self.root)
+        return {t: task for t, (_, _, _, task) in zip(ids, footers)}
 
     # ----------------------------------------------------------------------- verify
     def verify(self, bank: str) -> VerifyReport:
