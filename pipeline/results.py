@@ -4,6 +4,10 @@
 output folder), then collects the reports they wrote into one Markdown table beside the paper's
 reported numbers, and copies the plots next to it. Without `--run` it only collects, so the table
 can be rebuilt from earlier runs. Every measured number is read from a report file a command wrote.
+
+A results file is never overwritten by a table with rows missing (entries whose reports are not
+under the output folder): the command refuses, naming the missing rows and the commands that make
+them, before anything is written; an incomplete table can only go to a new file (`--doc`).
 """
 
 from __future__ import annotations
@@ -110,14 +114,15 @@ def _supsup_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
     config = _config(entry, out)
     report = _read(config.run_dir / "evaluation" / "report.json")
     train = _read(config.run_dir / "train_summary.json")
-    row: dict[str, Any] = {"tasks": None}
-    if report:
-        s = report["summary"]
-        row.update(tasks=int(s["tasks"]), gg=s.get("accuracy_gg"), gn=s.get("accuracy_gn"),
-                   inference=s.get("task_inference_accuracy"), seconds=report.get("seconds"))
-        curve = config.run_dir / "evaluation" / "curve.png"
-        if curve.exists():
-            row["figure"] = _copy(curve, figures / f"{config.name}-curve.png")
+    if not report:  # trained but never evaluated counts as not run: the row has no numbers
+        return {}
+    s = report["summary"]
+    row: dict[str, Any] = {
+        "tasks": int(s["tasks"]), "gg": s.get("accuracy_gg"), "gn": s.get("accuracy_gn"),
+        "inference": s.get("task_inference_accuracy"), "seconds": report.get("seconds")}
+    curve = config.run_dir / "evaluation" / "curve.png"
+    if curve.exists():
+        row["figures"] = [(curve, figures / f"{config.name}-curve.png")]
     if train and row.get("seconds") is not None:
         row["seconds"] = float(row["seconds"]) + float(train["seconds"])
     try:
@@ -212,17 +217,21 @@ def _reservoir_row(entry: Entry, out: str, figures: Path) -> dict[str, Any]:
 
 def _with_figures(row: dict[str, Any], folder: Path, figures: Path, name: str) -> dict[str, Any]:
     for png in sorted(folder.glob("*.png")):
-        row.setdefault("figures", []).append(_copy(png, figures / f"{name}-{png.name}"))
+        row.setdefault("figures", []).append((png, figures / f"{name}-{png.name}"))
     return row
 
 
-def _copy(src: Path, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    return dest
+def _copy_figures(rows: list[tuple[Entry, dict[str, Any]]]) -> None:
+    """Copy each row's plots beside the results file (once the table is known to be written)."""
+    for _, r in rows:
+        for src, dest in r.get("figures", []):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
 
 
 def collect(out: str, figures: Path) -> list[tuple[Entry, dict[str, Any]]]:
+    """Each entry with the row its reports under `out` make (empty when there are none); a row's
+    `figures` are (plot, destination under `figures`) pairs, not copied yet."""
     readers = {
         "supsup": _supsup_row, "baseline": _baseline_row, "sweep": _sweep_row,
         "discovery": _discovery_row, "reservoir": _reservoir_row,
@@ -286,8 +295,7 @@ def markdown(rows: list[tuple[Entry, dict[str, Any]]], out: str, doc_dir: Path,
              for e, r in rows if r and (r.get("note") or e.caveat)]
     if notes:
         lines += ["", "Notes:"] + [f"- {e.label}: {n}" for e, n in notes]
-    figs = [(e, p) for e, r in rows if r for p in ([r["figure"]] if r.get("figure") else [])
-            + list(r.get("figures", []))]
+    figs = [(e, dest) for e, r in rows for _, dest in r.get("figures", [])]
     if figs:
         lines += ["", "## Plots", ""]
         for e, p in figs:
@@ -323,8 +331,37 @@ def cmd_results(run: bool, only: str | None, out: str, doc: str) -> int:
         timing.parent.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     seconds = (_read(timing) or {}).get("seconds")
-    text = markdown(collect(out, figures), out, doc_path.parent, seconds)
+    rows = collect(out, figures)
+    missing = [e for e, r in rows if not r]
+    if missing and doc_path.exists():
+        raise IncompleteResults(_refusal(missing, out, doc_path))
+    if missing:
+        log.warning("results: %s has no rows for %s (no reports under %s)", doc_path,
+                    "; ".join(e.label for e in missing), out)
+    text = markdown(rows, out, doc_path.parent, seconds)
+    _copy_figures(rows)
     doc_path.parent.mkdir(parents=True, exist_ok=True)
-    doc_path.write_text(text)
+    tmp = doc_path.with_name(f".{doc_path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(doc_path)
     print(f"wrote {doc_path}")
     return 0
+
+
+class IncompleteResults(ValueError):
+    """The results file would lose rows: some entries have no reports under the output folder."""
+
+
+def _refusal(missing: list[Entry], out: str, doc: Path) -> str:
+    """What is missing, where it was looked for, and the commands that make it."""
+    names = "; ".join(e.label for e in missing[:3])
+    if len(missing) > 3:
+        names += f"; and {len(missing) - 3} more"
+    if len(missing) == 1:
+        todo = f"run `supsup {' '.join(missing[0].command(out))}`, then `supsup results"
+        todo += f" --out {out}`" if out != "runs/results" else "`"
+    else:
+        todo = f"run them with `supsup results --run --out {out}` (or `--only TEXT` for some)"
+    return (f"{doc} left as it is: no reports under {out} for {len(missing)} of "
+            f"{len(ENTRIES)} rows ({names}); {todo}, or pass --doc NEW.md to write the "
+            "incomplete table to a new file")
