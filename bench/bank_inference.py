@@ -28,6 +28,7 @@ own import allows it: the table's baseline says).
 
     .venv/bin/python bench/bank_inference.py --quick
     .venv/bin/python bench/bank_inference.py
+    .venv/bin/python bench/bank_inference.py --queries 1,16,256,1024   # the batched engine
 """
 
 from __future__ import annotations
@@ -383,6 +384,13 @@ def report(args: argparse.Namespace, packed: list[dict], floats: dict[int, dict]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--queries" or a.startswith("--queries=") for a in argv):
+        # many queries per pass: the batched engine's rows (bench/engine_inference.py)
+        from engine_inference import main as engine_main
+
+        engine_main(argv)
+        return
     args = parse_args(argv)
     if args.worker:
         print(_RESULT_TAG + json.dumps(run_worker(args)))
