@@ -335,8 +335,8 @@ class MaskRegistry:
             raise BankMismatchError(
                 f"{self.where(bank)}: the task files of {describe_ids(wrong)} were written for "
                 f"another bank or task, or under another manifest than the bank's "
-                f"{MANIFEST_FILE} (was it edited, or were files copied in by hand?); they are "
-                f"never adopted. {ADVICE}")
+                f"{MANIFEST_FILE} (was it edited, or were files copied in by hand, e.g. from a "
+                f"bank trained with another recipe?); they are never adopted. {ADVICE}")
         return {t: task for t, (_, _, _, task) in zip(ids, footers)}
 
     # ----------------------------------------------------------------------- verify
