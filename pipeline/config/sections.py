@@ -20,6 +20,7 @@ from pipeline.config.fields import (
 )
 from pipeline.datasets import DATASETS
 from pipeline.paths import resolve_root
+from pipeline.promotion_rule import parse_rule
 from supsup.networks import NETWORKS
 
 # MLflow's rule for registered model aliases (mlflow.utils.validation): word characters and '-',
@@ -194,7 +195,9 @@ class TrackingSection(Section):
     uri: str | None = None  # default: sqlite under the run folder
     experiment: str | None = None  # default: the experiment name
     model_name: str | None = None  # default: the experiment name
-    alias: str = "champion"
+    alias: str = "champion"  # moved only by promotion (`supsup promote`, --promote-if)
+    latest_alias: str = "latest"  # on each new version; "latest": MLflow's models:/NAME/latest
+    promote_if: str | None = None  # `supsup run` promotes when its evaluation meets this rule
     register_model: bool = True
     embed_masks_max_bytes: Int = Field(64 * 2**20, ge=0)  # smaller banks travel inside the model
 
@@ -218,6 +221,17 @@ class TrackingSection(Section):
                              "digits, '_' and '-'; 'latest' and v<digits> (e.g. v2) are "
                              "reserved for versions")
         return v
+
+    @field_validator("latest_alias")
+    @classmethod
+    def _latest_alias(cls, v: str) -> str:
+        # "latest" is MLflow's own name for the newest version: nothing needs to be set.
+        return v if v.lower() == "latest" else cls._alias(v)
+
+    @field_validator("promote_if")
+    @classmethod
+    def _promote_if(cls, v: str | None) -> str | None:
+        return v if v is None else str(parse_rule(v))
 
 
 class DiscoverySection(Section):
