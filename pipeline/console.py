@@ -142,7 +142,7 @@ class Console:
 
     def attach_file(self, folder: Path) -> Path:
         """Send this command's whole log, from its first record, to `folder/supsup.log`."""
-        path = Path(folder) / LOG_FILE
+        path = Path(folder).resolve() / LOG_FILE  # printed, and logged to MLflow: absolute
         if self.log_file == path:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +174,20 @@ def attach_log_file(folder: Path) -> Path | None:
     """The running command's log goes to `folder/supsup.log` (None outside a command)."""
     console = _console[0]
     return console.attach_file(folder) if console is not None else None
+
+
+def to_log_file_only(message: str, exc_info: bool = True) -> None:
+    """`message` with the traceback being handled, written to the command's log file (or held
+    for it) but not to the terminal: how a failure shown as one `error:` line keeps its whole
+    story in supsup.log."""
+    console = _console[0]
+    if console is None:
+        return
+    record = logging.getLogger("supsup").makeRecord(
+        "supsup", logging.ERROR, __file__, 0, message, (), sys.exc_info() if exc_info else None)
+    for h in console._handlers:
+        if not isinstance(h, _Terminal):
+            h.handle(record)
 
 
 def log_file() -> Path | None:
