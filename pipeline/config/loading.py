@@ -4,9 +4,10 @@ problem is reported with its key path and the file."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -70,21 +71,49 @@ def _problem(err: yaml.YAMLError) -> str:
     return text if len(text) <= 2 * MAX_SHOWN else text[:2 * MAX_SHOWN - 3] + "..."
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key a config may hold (sections and their fields): the candidates of "did
+    you mean"."""
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += _key_paths(kind, f"{prefix}{name}.")
+    return out
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _key_paths(ExperimentConfig), n=1, cutoff=0.75)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _blamed(key: str, source: str, overridden: dict[str, str], unknown: bool) -> str:
+    """The --set that put `key` there, else the config file: the error names what to fix (an
+    unknown section is put there by a --set of any key under it)."""
+    for path, item in overridden.items():
+        if key == path or key.startswith(path + ".") or unknown and path.startswith(key + "."):
+            return f"--set {shown(item)}"
+    return source
+
+
+def _format_error(err: ValidationError, source: str,
+                  overridden: dict[str, str] | None = None) -> str:
     lines = []
     for e in err.errors():
         field = (e.get("ctx") or {}).get("field")  # a check across fields names its field
         loc = [str(p) for p in e["loc"]] + ([field] if field else [])
         key = ".".join(loc) or "(top level)"
+        where = _blamed(key, source, overridden or {}, e["type"] == "extra_forbidden")
         if len(key) > MAX_SHOWN:
             key = key[:MAX_SHOWN - 3] + "..."
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            lines.append(f"{where}: unknown key '{key}'{_did_you_mean(key)}")
         else:
             got = e.get("input")
             value = "" if field or isinstance(got, (dict, BaseModel)) else f" (got {shown(got)})"
             msg = e["msg"] if len(e["msg"]) <= 2 * MAX_SHOWN else e["msg"][:2 * MAX_SHOWN] + "..."
-            lines.append(f"{source}: {key}: {msg}{value}")
+            lines.append(f"{where}: {key}: {msg}{value}")
     return "\n".join(lines)
 
 
@@ -109,7 +138,8 @@ def parse_config(raw: dict[str, Any] | None, source: str = "<config>",
     try:
         return ExperimentConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        overridden = {i.partition("=")[0].strip(): i for i in overrides}
+        raise ConfigError(_format_error(err, source, overridden)) from None
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
