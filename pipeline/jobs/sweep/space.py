@@ -31,7 +31,7 @@ def with_values(config: ExperimentConfig, values: dict[str, Any],
 def _sweep(config: ExperimentConfig) -> SweepSection:
     if config.sweep is None:
         raise ValueError(f"config {config.name!r} has no sweep section: add `sweep: {{space: "
-                         "{train.density: {grid: [0.05, 0.1]}}}}` (see configs/sweep_density.yaml)")
+                         "{train.density: {grid: [0.05, 0.1]}}}` (see configs/sweep_density.yaml)")
     return config.sweep
 
 
