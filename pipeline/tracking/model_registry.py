@@ -20,13 +20,13 @@ import logging
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pyarrow.parquet as pq
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -253,29 +253,26 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
             copy = Path(tmp) / BANK_FILE  # the artifact keeps its file name: fix it
             shutil.copyfile(bank_file, copy)
             artifacts["bank"] = str(copy)
-        # No input example: MLflow would load the model to check it, reading the whole bank a
-        # second time; the signature states the input already. The model is its code file
-        # (models-from-code), so nothing is pickled into the artifact store.
-        with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id), \
-                warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
+        # The input example is one blank row in the served form; MLflow loads the model once
+        # to check that it answers it (so a model that cannot serve shows at registration).
+        # The model is its code file (models-from-code), so nothing is pickled.
+        with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id):
             model_info = mlflow.pyfunc.log_model(
                 name="model", python_model=model_code_path(), artifacts=artifacts,
-                signature=signature(spec, defaults),
+                signature=signature(spec, defaults), input_example=_input_example(spec),
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
                 metadata={MODEL_JSON_KEY: digest},
             )
             try:
-                try:
-                    client.create_registered_model(model_name)
-                except MlflowException as exc:
-                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
+                _ensure_registered_model(client, model_name, source.bank, spec)
+                # Created from the LoggedModel's URI (models:/<model_id>): the version's source
+                # names its LoggedModel, whose mlflow.modelVersions tag names the version back.
                 mv = client.create_model_version(
                     model_name, model_info.model_uri, run_id=run_id,
                     model_id=model_info.model_id,
                     tags={**_version_tags(source, spec, bank_file is not None, tags),
                           MODEL_JSON_TAG: digest})
+                _link_logged_model(client, model_info.model_id, model_name, int(mv.version))
             except BaseException:
                 # A logged model that no version holds is litter: remove it (best effort).
                 with contextlib.suppress(Exception):
@@ -285,3 +282,42 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     logger.debug("registered %s as models:/%s/%s", source.describe(), model_name, mv.version)
     return int(mv.version)
+
+
+def _input_example(spec: NetworkSpec) -> np.ndarray:
+    """One blank row in the form predict() takes: the image flattened, float32."""
+    return np.zeros((1, int(np.prod(spec.input_shape))), dtype=np.float32)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, bank: str,
+                             spec: NetworkSpec) -> None:
+    """The registered model, created with a description of what its versions hold and how its
+    aliases move; an existing model without a description gets one, others keep theirs."""
+    width = int(np.prod(spec.input_shape))
+    description = (
+        f"SupSup mask bank {bank!r} over a fixed random {spec.name} network: each version holds "
+        "one distinct set of learned task masks. predict() takes rows of "
+        f"{width} floats (images of shape {list(spec.input_shape)}, flattened) and returns each "
+        "row's inferred task_id, class and confidence. New versions get the latest alias; the "
+        "serving alias (e.g. @champion) moves only by promotion (`supsup promote`, or `supsup "
+        "evaluate --promote-if`).")
+    try:
+        client.create_registered_model(name, description=description)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=description)
+
+
+def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: int) -> None:
+    """Name the version on its LoggedModel (tag mlflow.modelVersions, as mlflow.register_model
+    sets it), so the model's page in the UI links to the registered version."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model = client.get_logged_model(model_id)
+    linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": version}
+    if entry not in linked:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [*linked, entry])})

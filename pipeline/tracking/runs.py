@@ -274,6 +274,22 @@ class Tracker:
         return self.client.get_run(run_id or self.run_id)
 
 
+def run_name(experiment: str, job: str, num_tasks: int | None = None,
+             density: float | str | None = None, when: float | None = None) -> str:
+    """A run name people can tell apart in a list of runs: experiment, job, tasks, density
+    (a number for top-k masks, the rule's name when training learns it) and a UTC time stamp,
+    e.g. "quickstart-run-20tasks-threshold-1207T0931"."""
+    parts = [experiment, job]
+    if num_tasks is not None:
+        parts.append(f"{num_tasks}tasks")
+    if isinstance(density, (int, float)):
+        parts.append(f"d{density:g}")
+    elif density:
+        parts.append(str(density))
+    parts.append(time.strftime("%m%dT%H%M", time.gmtime(time.time() if when is None else when)))
+    return "-".join(parts)[:250]
+
+
 @functools.cache
 def standard_tags() -> dict[str, str]:
     """The tags MLflow's own fluent API sets, so the UI shows who ran what from where: user,

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from pipeline.tracking import (
     lookup,
     register_bank,
 )
+from pipeline.tracking.versions import logged_model_id
 from supsup.masks import pack_bits
 from supsup.networks import SupermaskNet, build_network
 from supsup.scores import TaskScores
@@ -694,3 +696,41 @@ def test_through_a_real_mlflow_server(tmp_path: Path, server: str) -> None:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     out = model.predict(np.zeros((2, 784), np.float32), params={"mode": "per_example"})
     assert set(out["task_id"]) <= set(TASKS) and len(out) == 2
+
+
+# ------------------------------------------------- runs people can compare, the LoggedModel link
+def test_run_names_say_experiment_job_tasks_density_and_time() -> None:
+    from pipeline.tracking.runs import run_name
+
+    when = 1_796_000_000.0  # 2026-11-30 ... UTC
+    stamp = time.strftime("%m%dT%H%M", time.gmtime(when))
+    assert run_name("quickstart", "run", 20, "threshold", when) == (
+        f"quickstart-run-20tasks-threshold-{stamp}")
+    assert run_name("p", "evaluate", 2500, 0.05, when) == f"p-evaluate-2500tasks-d0.05-{stamp}"
+    assert run_name("p", "sweep", None, None, when) == f"p-sweep-{stamp}"
+    assert len(run_name("x" * 400, "run", 1, None, when)) == 250  # MLflow's run-name limit
+
+
+def test_a_version_links_its_logged_model_which_has_an_input_example(
+        db: str, trained: dict, perm_models: dict, tmp_path: Path) -> None:
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client = MlflowClient(db)
+    v1 = perm_models["v1"]
+    mv = client.get_model_version("perm-model", str(v1))
+    # The version was made from the LoggedModel's own URI; SQL stores keep that as its source
+    # (they do not store ModelVersion.model_id), and the LoggedModel names the version back.
+    model_id = logged_model_id(mv)
+    assert model_id is not None and mv.source == f"models:/{model_id}"
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == perm_models["run_1"]
+    assert {"name": "perm-model", "version": v1} in json.loads(
+        logged.tags[MLFLOW_MODEL_VERSIONS])
+    # the input example is one row in the served form, and the model answers it
+    model = Model.load(str(_model_dir(client, "perm-model", v1) / "MLmodel"))
+    assert model.saved_input_example_info is not None
+    example = model.load_input_example(str(_model_dir(client, "perm-model", v1)))
+    width = int(np.prod(trained["net"].spec.input_shape))
+    assert np.asarray(example).shape == (1, width)
+    description = client.get_registered_model("perm-model").description
+    assert f"rows of {width} floats" in description and "promotion" in description
