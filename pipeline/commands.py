@@ -136,6 +136,9 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
                 k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
                 if r.get(k) is not None})
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
+        tracker.log_metrics(report.continual_metrics())  # average accuracy, forgetting, BWT
+        for name, matrix in report.matrices.items():
+            tracker.log_table(matrix.table(), f"accuracy_matrix_{name}.json")
         tracker.log_table([{k: v for k, v in r.items() if k != "inferred"} for r in report.tasks],
                           "tasks.json")
         for c in report.curve:

@@ -1,8 +1,9 @@
 """Reports people read: JSON for machines, Markdown for people, PNG plots for a glance.
 
 The one module that draws (matplotlib, on the file-only Agg backend): accuracy against the number
-of tasks learned (the paper's Figure 3 view), the task-inference confusion matrix for banks small
-enough to show one, training per task, sweep trials, the discovery stream and Hopfield capacity.
+of tasks learned (the paper's Figure 3 view), the continual-learning accuracy matrix (GG beside
+GN), the task-inference confusion matrix for banks small enough to show one, training per task,
+sweep trials, the discovery stream and Hopfield capacity.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pipeline.accuracy_matrix import AccuracyMatrix
     from pipeline.jobs.evaluate import EvalReport
     from pipeline.jobs.sweep.outputs import SweepSummary
 
@@ -50,6 +52,7 @@ def markdown(report: EvalReport, title: str) -> str:
             lines.append(f"| {c['tasks_learned']} | {_pct(c.get('accuracy_gn'))} | "
                          f"{_pct(c.get('task_inference_accuracy'))} | "
                          f"{_pct(c.get('accuracy_gg'))} |")
+    lines += _continual_markdown(report)
     conf = report.confusions()
     if conf:
         lines += ["", "## Most frequent task-inference confusions", "",
@@ -64,6 +67,56 @@ def markdown(report: EvalReport, title: str) -> str:
     if len(report.tasks) > 200:
         lines.append(f"| ... | {len(report.tasks) - 200} more in report.json | | |")
     return "\n".join(lines) + "\n"
+
+
+def _points(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return "0.00 points" if v == 0 else f"{100 * v:+.2f} points"  # exactly zero: no sign
+
+
+def _sampled(n: int, most: int) -> list[int]:
+    """Up to `most` indices of `n`, evenly spread, always with the first and the last."""
+    if n <= most:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (most - 1)) for i in range(most)})
+
+
+def _continual_markdown(report: EvalReport, most: int = 12) -> list[str]:
+    """The three summaries for GG and GN, and the GN matrix at up to `most` rows and columns."""
+    c, gn = report.continual, report.matrices.get("gn")
+    if not c or gn is None:
+        return []
+    lines = ["", "## Continual learning", "",
+             "Accuracy matrix A[i][j]: accuracy on task j after the first i tasks were learned "
+             "(rows: the curve's points; columns: a fixed sample of tasks, each measured at every "
+             "row where it had been learned). Average accuracy: mean over all tasks at the end; "
+             "forgetting: mean drop from a task's best earlier accuracy to the end; backward "
+             "transfer: mean change from a task's first row to the end (negative: forgotten).", "",
+             "| | GG (task given) | GN (task inferred) |", "|---|---|---|",
+             f"| average accuracy | {_pct(c.get('average_accuracy_gg'))} | "
+             f"{_pct(c.get('average_accuracy_gn'))} |",
+             f"| forgetting | {_points(c.get('forgetting_gg'))} | "
+             f"{_points(c.get('forgetting_gn'))} |",
+             f"| backward transfer | {_points(c.get('backward_transfer_gg'))} | "
+             f"{_points(c.get('backward_transfer_gn'))} |", ""]
+    rows, cols = _sampled(len(gn.tasks_learned), most), _sampled(len(gn.task_ids), most)
+    shown = "" if (len(rows), len(cols)) == _shape(gn) else (
+        f" ({len(rows)} of {len(gn.tasks_learned)} rows, {len(cols)} of {len(gn.task_ids)} "
+        "columns; all in report.json)")
+    lines += [f"GN accuracy matrix{shown}; GG's is constant down each column (a learned mask "
+              "never changes):", "",
+              "| tasks learned | " + " | ".join(f"task {gn.task_ids[j]}" for j in cols) + " |",
+              "|---" * (len(cols) + 1) + "|"]
+    for i in rows:
+        cells = [gn.values[i][j] for j in cols]
+        lines.append(f"| {gn.tasks_learned[i]} | " + " | ".join(
+            "" if v is None else _pct(v) for v in cells) + " |")
+    return lines
+
+
+def _shape(m: AccuracyMatrix) -> tuple[int, int]:
+    return len(m.tasks_learned), len(m.task_ids)
 
 
 def _pyplot() -> Any:
@@ -117,6 +170,49 @@ def plot_curve(report: EvalReport, path: Path) -> Path | None:
     return _save_with_side_legend(fig, ax, path)
 
 
+def plot_accuracy_matrix(report: EvalReport, path: Path, max_cells: int = 24) -> Path | None:
+    """GG and GN accuracy matrices side by side on one colour scale (0-100%): rows are tasks
+    learned, columns tasks; cells a task had not been learned at are left blank (grey), and
+    small matrices carry their values in the cells."""
+    panels = [(name, report.matrices[name]) for name in ("gg", "gn") if name in report.matrices]
+    if not panels:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    rows, cols = _shape(panels[0][1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 + 2.6 * len(panels), 4.4), dpi=110,
+                             squeeze=False, sharey=True, layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.88")
+    titles = {"gg": "GG: task given", "gn": "GN: task inferred"}
+    annotate = rows <= max_cells and cols <= max_cells
+    image = None
+    for ax, (name, m) in zip(axes[0], panels):
+        grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in m.values])
+        image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=100, cmap=cmap,
+                          aspect="auto", interpolation="nearest")
+        if annotate:
+            for (i, j), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                            color="black" if v > 60 else "white")
+        xs, ys = _sampled(cols, max_cells), _sampled(rows, max_cells)  # each a real id
+        ax.set_xticks(xs, [str(m.task_ids[j]) for j in xs], rotation=90, fontsize=7)
+        ax.set_yticks(ys, [str(m.tasks_learned[i]) for i in ys], fontsize=7)
+        ax.set_xlabel("task (accuracy measured on)")
+        c = report.continual
+        ax.set_title(f"{titles[name]}\nforgetting {_points(c.get(f'forgetting_{name}'))}, "
+                     f"BWT {_points(c.get(f'backward_transfer_{name}'))}", fontsize=8)
+    axes[0][0].set_ylabel("tasks learned")
+    bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.04, pad=0.02)
+    bar.set_label("accuracy on the task (%); grey: not yet learned", fontsize=8)
+    fig.suptitle(f"{report.bank}: accuracy on each task (column) after learning the number of "
+                 "tasks in the row", fontsize=9)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(report: EvalReport, path: Path, max_tasks: int = 60) -> Path | None:
     """Inferred-task matrix (rows: true task) for up to `max_tasks` tasks."""
     ids = [r["task_id"] for r in report.tasks]
@@ -156,7 +252,8 @@ def write_report(report: EvalReport, out_dir: Path, title: str) -> dict[str, Pat
     files["json"].write_text(json.dumps(report.to_dict(), indent=1))
     files["markdown"] = out_dir / "report.md"
     files["markdown"].write_text(markdown(report, title))
-    for name, fn in (("curve", plot_curve), ("confusion", plot_confusion)):
+    for name, fn in (("curve", plot_curve), ("accuracy_matrix", plot_accuracy_matrix),
+                     ("confusion", plot_confusion)):
         p = fn(report, out_dir / f"{name}.png")
         if p is not None:
             files[name] = p

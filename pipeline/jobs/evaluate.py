@@ -4,7 +4,9 @@ Each worker loads the bank itself (from the registry, or from a bank file a mode
 carries), rebuilds the base network from its seed, and evaluates its tasks: GG accuracy, and GN
 task-inference accuracy and accuracy with the inferred task. The driver gathers the per-task
 results and the curve of GN accuracy against the number of tasks learned (the bank restricted to
-its first k tasks, as it stood when k tasks were learned).
+its first k tasks, as it stood when k tasks were learned). The curve's points are the rows of the
+sampled accuracy matrix (`pipeline.accuracy_matrix`): a fixed sample of tasks is measured at
+every point where it had been learned, for GG and GN, which gives forgetting and backward transfer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.accuracy_matrix import AccuracyMatrix, continual_metrics
 from pipeline.bank_source import BankSource
 from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
@@ -41,14 +44,17 @@ from supsup.bank import describe_ids
 log = logging.getLogger(__name__)
 
 # report.json: 2 adds schema_version, created, snapshot_sha256, run_id, model_version, int counts;
-# 3 adds summary.inferences (how many task inferences were made) and the engine's settings
-REPORT_SCHEMA_VERSION = 3
+# 3 adds summary.inferences (how many task inferences were made) and the engine's settings;
+# 4 adds accuracy_matrix (GG and GN at sampled rows x columns) and continual (average accuracy,
+# forgetting, backward transfer), and the curve's points now average that fixed sample of tasks
+REPORT_SCHEMA_VERSION = 4
 _COUNTS = ("tasks", "examples", "inferences")
 
 
 @dataclass
 class EvalReport:
-    """Per-task results, the summary over tasks, and the tasks-learned curve."""
+    """Per-task results, the summary over tasks, the tasks-learned curve, and the accuracy
+    matrices ("gg", "gn") with their continual-learning summaries."""
 
     bank: str
     source: dict[str, Any]
@@ -61,6 +67,12 @@ class EvalReport:
         timespec="seconds"))
     run_id: str | None = None  # the MLflow run that logged this evaluation
     model_version: int | None = None  # the registered version evaluated, when there is one
+    matrices: dict[str, AccuracyMatrix] = field(default_factory=dict)
+    continual: dict[str, float | None] = field(default_factory=dict)
+
+    def continual_metrics(self) -> dict[str, float]:
+        """The continual-learning summaries that are defined (as MLflow metrics)."""
+        return {k: float(v) for k, v in self.continual.items() if v is not None}
 
     def confusions(self, top: int = 20) -> list[tuple[int, int, int]]:
         """(true task, inferred task, count) for wrong inferences, most frequent first."""
@@ -84,6 +96,8 @@ class EvalReport:
             "run_id": self.run_id, "model_version": self.model_version,
             "source": self.source, "settings": self.settings,
             "summary": summary, "curve": curve, "seconds": self.seconds,
+            "continual": self.continual,
+            "accuracy_matrix": {k: m.to_dict() for k, m in self.matrices.items()},
             "confusions": [list(c) for c in self.confusions()], "tasks": self.tasks,
         }
 
@@ -160,6 +174,25 @@ def curve_points(task_ids: list[int], points: int) -> list[int]:
     return sorted(ks)
 
 
+def matrix_columns(task_ids: list[int], points: list[int], sample: int) -> list[int]:
+    """Tasks measured at every point where they had been learned: `sample` tasks spread evenly
+    over those learned by the first point (so every point averages at least that many, and each
+    has a value in every row), and each point's newest task (so its own row is right after it was
+    learned)."""
+    first = task_ids[: points[0]]
+    step = max(1, len(first) // sample)
+    return sorted(set(first[::step][:sample]) | {task_ids[k - 1] for k in points if k > 0})
+
+
+def _matrices(points: list[int], columns: list[int],
+              rows_at: dict[int, list[dict[str, Any]]]) -> dict[str, AccuracyMatrix]:
+    wanted = set(columns)
+    return {name: AccuracyMatrix.from_cells(points, columns, {
+        (k, r["task_id"]): r[f"accuracy_{name}"] for k, rows in rows_at.items() for r in rows
+        if r["task_id"] in wanted and r.get(f"accuracy_{name}") is not None})
+        for name in ("gg", "gn")}
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     from supsup.evaluate import TaskEvaluation, summarize
 
@@ -188,15 +221,19 @@ def run_evaluation(
     if missing:
         raise KeyError(f"{describe_ids(missing)} are not in {source.describe()}")
     ids_sorted = list(source.task_ids)
+    n = len(ids_sorted)
     jobs: list[tuple[str, int, list[int], list[int] | None]] = [
-        ("final", len(ids_sorted), g, None) for g in task_groups(ids, config.evaluate.group_size)
+        ("final", n, g, None) for g in task_groups(ids, config.evaluate.group_size)
     ]
+    points = curve_points(ids_sorted, config.evaluate.curve_points)
+    columns = matrix_columns(ids_sorted, points, config.evaluate.curve_tasks)
+    position = {t: i for i, t in enumerate(ids_sorted)}
     if config.evaluate.gn:
-        for k in curve_points(ids_sorted, config.evaluate.curve_points)[:-1]:
-            learned = ids_sorted[:k]
-            step = max(1, len(learned) // config.evaluate.curve_tasks)
-            sample = learned[::step][: config.evaluate.curve_tasks]
-            jobs.append(("curve", k, sample, learned))
+        for k in points[:-1]:
+            jobs.append(("curve", k, [c for c in columns if position[c] < k], ids_sorted[:k]))
+        last = [c for c in columns if c not in set(ids)]  # the final row beyond `task_ids`
+        if last:
+            jobs.append(("curve", n, last, None))
     config_data = config.model_dump()
     rows: list[dict[str, Any]] = []
     curve_rows: dict[int, list[dict[str, Any]]] = {}
@@ -229,13 +266,18 @@ def run_evaluation(
     summary = _summary(rows)
     curve = []
     for k in sorted(curve_rows):
-        s = _summary(curve_rows[k])
-        curve.append({"tasks_learned": k, **s})
+        if k < n:
+            curve.append({"tasks_learned": k, **_summary(curve_rows[k])})
+    matrices: dict[str, AccuracyMatrix] = {}
+    continual: dict[str, float | None] = {}
     if config.evaluate.gn:
-        curve.append({"tasks_learned": len(ids_sorted), **summary})
+        curve.append({"tasks_learned": n, **summary})
+        matrices = _matrices(points, columns, {**curve_rows, n: rows + curve_rows.get(n, [])})
+        continual = continual_metrics(matrices, {
+            name: [r[f"accuracy_{name}"] for r in rows] for name in ("gg", "gn")})
     e = config.evaluate
     settings = {"method": e.method, "objective": e.objective, "mode": e.mode,
                 "batch_size": e.batch_size, "max_batches": e.max_batches, "gn": e.gn,
                 "digits": e.digits, "queries_per_pass": e.queries_per_pass}
     return EvalReport(source.bank, source.to_dict(), rows, summary, curve, settings,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, matrices=matrices, continual=continual)
