@@ -57,7 +57,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outputs", type=int, default=500, help="lenet outputs (north star: 500)")
     p.add_argument("--max-batch-size", type=int, default=64, help="serve.max_batch_size")
     p.add_argument("--batch-wait-s", type=float, default=0.01, help="serve.batch_wait_timeout_s")
-    p.add_argument("--replica-cpus", type=float, default=2, help="serve.num_cpus of the replica")
+    p.add_argument("--replica-cpus", type=float, default=1, help="serve.num_cpus of the replica")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each server's model (serve.threads; OMP_NUM_THREADS "
+                        "of mlflow models serve): on a shared machine, threads that wait for "
+                        "busy cores spin, measured 20x slower with 2 than with 1 at load 14")
     p.add_argument("--timeout-s", type=float, default=120, help="one request's timeout")
     p.add_argument("--deadline-s", type=float, default=900, help="one server's whole load")
     p.add_argument("--start-timeout-s", type=float, default=600, help="a server's start")
@@ -294,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                        "--set", f"serve.max_batch_size={args.max_batch_size}",
                        "--set", f"serve.batch_wait_timeout_s={args.batch_wait_s}",
                        "--set", f"serve.num_cpus={args.replica_cpus}",
-                       "--set", f"cluster.num_cpus={max(1, int(args.replica_cpus + 0.999))}"]
+                       "--set", f"serve.threads={args.threads}",
+                       "--set", f"cluster.num_cpus={max(2, int(args.replica_cpus + 0.999))}"]
             base = f"http://{HOST}:{port}"
             results["supsup_serve"] = measure("supsup_serve", command, env,
                                               f"{base}/invocations", f"{base}/health", bodies,
@@ -304,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
                        "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", "1"]
             base = f"http://{HOST}:{port}"
-            results["mlflow_serve"] = measure("mlflow_serve", command, env,
+            threads = {k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+            results["mlflow_serve"] = measure("mlflow_serve", command, {**env, **threads},
                                               f"{base}/invocations", f"{base}/health", bodies,
                                               args, folder)
     rows = [[name, r["ok"], r["requests"], f"{r['req_per_s']:.2f}", f"{r['p50_s']:.3f}",
@@ -323,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "(goal at 2,500 tasks and 64 clients: 10x, p95 under 1 s)")
     emit_json("serve_load", tasks=args.tasks, requests=args.requests, clients=args.clients,
               max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s,
-              replica_cpus=args.replica_cpus, build=built, machine=machine(),
+              replica_cpus=args.replica_cpus, threads=args.threads, build=built,
+              machine=machine(),
               **{name: results.get(name) for name in ("supsup_serve", "mlflow_serve")})
 
 
