@@ -111,6 +111,9 @@ def evaluate_task(
     )
 
 
+_PREDICT_CHUNK = 8  # test batches classified by one forward pass with the task's own mask
+
+
 @dataclass
 class _Tally:
     """Running counts of one task's evaluation."""
@@ -191,20 +194,28 @@ def evaluate_group(
 
     queued = 0
     for t in task_ids:
-        for i, (x, y) in enumerate(tasks.eval_batches(t, split, batch_size)):
-            if max_batches is not None and i >= max_batches:
-                break
-            y = y.cpu()
-            pred = _predict(net, bank, t, x, tasks.num_classes)
-            tally = tallies[int(t)]
-            tally.n += y.numel()
-            tally.gg += int((pred == y).sum())
-            queries = x[:1] if mode == "one_image" else x
-            pending.append(_Pending(int(t), i * batch_size, y, pred, queries))
-            queued += queries.shape[0]
-            if queued >= queries_per_pass:
-                answer()
-                queued = 0
+        n = tasks.size(t, split)
+        if max_batches is not None:
+            n = min(n, max_batches * batch_size)
+        tally = tallies[int(t)]
+        # GG: the task's own mask over its examples, a few batches per forward (its mask is
+        # unpacked once per forward, not once per batch)
+        for chunk in range(0, n, _PREDICT_CHUNK * batch_size):
+            pos = torch.arange(chunk, min(n, chunk + _PREDICT_CHUNK * batch_size),
+                               device=tasks.device)
+            x_all, y_all = tasks.get(t, split, pos)
+            pred_all, y_all = _predict(net, bank, t, x_all, tasks.num_classes), y_all.cpu()
+            tally.n += y_all.numel()
+            tally.gg += int((pred_all == y_all).sum())
+            for b0 in range(0, y_all.numel(), batch_size):
+                x = x_all[b0:b0 + batch_size]
+                queries = x[:1] if mode == "one_image" else x
+                pending.append(_Pending(int(t), chunk + b0, y_all[b0:b0 + batch_size],
+                                        pred_all[b0:b0 + batch_size], queries))
+                queued += queries.shape[0]
+                if queued >= queries_per_pass:
+                    answer()
+                    queued = 0
     answer()
     return [tallies[int(t)].result(int(t), split) for t in task_ids]
 
