@@ -119,6 +119,7 @@ def linear_alpha_gradients(
     digits: int = 2,
     budget_bytes: int = 16 << 20,
     on_block: Callable[[int], None] | None = None,
+    integer: bool | None = None,
 ) -> torch.Tensor:
     """(B, k) float32 dH_b/dalpha_i = g_b^T (M_i * W) x_b for the bank's `rows` (every row when
     None) of one linear layer: `packed` (K, nbytes) rows of (out, in) masks, `weight` (out, in)
@@ -126,7 +127,13 @@ def linear_alpha_gradients(
 
     Tasks go in blocks whose buffers stay within `budget_bytes` whatever the batch (callers bound
     the batch too); `on_block(nbytes)`, when given, is told the bytes the buffers hold.
+    `integer` (default: on a CPU) picks the int8 product; else the same blocks multiply float32
+    masks by the float32 factors (GPUs, whose int8 product wants other shapes).
     """
+    if integer is None:
+        integer = packed.device.type == "cpu"
+    if not integer:
+        return _linear_float(packed, rows, weight, factors, budget_bytes, on_block)
     out_f, in_f = weight.shape
     n = out_f * in_f
     device = packed.device
@@ -176,6 +183,36 @@ def linear_alpha_gradients(
         yf = floats[:h]
         yf.copy_(y.view(h, small * digits, batch)).mul_(wt)
         torch.sum(yf, 1, out=result[r0:r1])
+    return result.T.contiguous()
+
+
+def _linear_float(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor,
+                  factors: LinearFactors, budget_bytes: int,
+                  on_block: Callable[[int], None] | None) -> torch.Tensor:
+    """`linear_alpha_gradients` in float32: (tasks * out, in) masks times x^T, weighted by g."""
+    out_f, in_f = weight.shape
+    n = out_f * in_f
+    device = packed.device
+    k = packed.shape[0] if rows is None else rows.numel()
+    x = factors.x.reshape(-1, in_f).to(device, torch.float32)
+    g = factors.g.reshape(-1, out_f).to(device, torch.float32)
+    batch = x.shape[0]
+    table = _signed_bit_table(device)
+    signs = sign_bytes(weight).to(device)
+    nbytes = packed.shape[1]
+    height = max(1, min(k, budget_bytes // (4 * n + 16 * nbytes + 8 * out_f * batch)))
+    if on_block is not None:
+        on_block(height * (4 * n + 16 * nbytes + 8 * out_f * batch))
+    scale = float(weight.abs().reshape(-1)[0])
+    result = torch.empty(k, batch, dtype=torch.float32, device=device)
+    for r0 in range(0, k, height):
+        r1 = min(k, r0 + height)
+        h = r1 - r0
+        src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
+        idx = src.to(torch.int64).mul_(256).add_(signs)
+        a = torch.take(table, idx).view(torch.int8).view(h, nbytes * 8)[:, :n]
+        y = a.to(torch.float32).reshape(h * out_f, in_f) @ x.T  # (h * out, B)
+        result[r0:r1] = (y.view(h, out_f, batch) * g.T).sum(1) * scale
     return result.T.contiguous()
 
 

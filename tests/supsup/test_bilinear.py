@@ -50,6 +50,27 @@ def test_products_are_within_the_stated_rounding_of_float64(out_f: int, in_f: in
     assert len(blocks) == 1 and blocks[0] > 0
 
 
+@pytest.mark.parametrize(("out_f", "in_f"), SHAPES)
+def test_the_float_product_of_devices_without_the_integer_kernel_matches(out_f: int,
+                                                                         in_f: int) -> None:
+    """GPUs take float32 masks times float32 factors: float32 rounding of the sums alone."""
+    masks, packed, weight, factors = _case(7, out_f, in_f, 5, seed=3 + out_f)
+    got = linear_alpha_gradients(packed, None, weight, factors, integer=False, budget_bytes=1)
+    exact = linear_exact(masks, weight, factors)
+    terms = torch.einsum("koi,bo,bi->bk", masks.double() * weight.double().abs(),
+                         factors.g.double().abs(), factors.x.double().abs())
+    assert bool(((got.double() - exact).abs() <= 2.0**-18 * terms + 1e-30).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_product_on_cuda_equals_the_cpu() -> None:
+    masks, packed, weight, factors = _case(40, 30, 29, 6, seed=9)
+    cpu = linear_alpha_gradients(packed, None, weight, factors, digits=3)
+    gpu = linear_alpha_gradients(packed.cuda(), None, weight.cuda(), factors.to("cuda"),
+                                 budget_bytes=1 << 16)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-9)
+
+
 def test_a_subset_of_rows_in_any_order_reads_those_rows() -> None:
     masks, packed, weight, factors = _case(9, 6, 10, 3, seed=1)
     rows = torch.tensor([7, 2, 2, 0])

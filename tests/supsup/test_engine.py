@@ -183,3 +183,17 @@ def test_bad_settings_are_named() -> None:
         InferenceEngine(net, bank).infer(torch.zeros(1, 1, SIDE, SIDE), method="nope")
     with pytest.raises(KeyError, match="task 7 was never learned"):
         InferenceEngine(net, bank, task_ids=[7])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(NETS))
+def test_the_engine_on_cuda_answers_like_the_cpu(name: str) -> None:
+    net = NETS[name]()
+    bank = _random_bank(net, list(range(20)))
+    x = torch.randn(12, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
+    cpu = InferenceEngine(net, bank, digits=3).gradients(x)
+    gpu_net = build_network(net.spec).cuda()
+    gpu = InferenceEngine(gpu_net, bank.to("cuda"), block_queries=5).gradients(x.cuda())
+    assert bank.device.type == "cpu"  # the moved bank is a new one
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-7)
+    assert torch.equal(gpu.argmin(1), cpu.argmin(1))
