@@ -105,7 +105,8 @@ def as_batch(model_input: Any, input_shape: Sequence[int]) -> torch.Tensor:
     if arr.ndim == 2 and arr.shape[1] == flat:
         arr = arr.reshape(arr.shape[0], *shape)
     elif arr.ndim != 1 + len(shape) or tuple(arr.shape[1:]) != shape:
-        raise InputError(f"inputs have shape {arr.shape}; expected {expected}")
+        got = str(arr.shape) if arr.ndim <= 6 else f"of {arr.ndim} dimensions"
+        raise InputError(f"inputs have shape {got}; expected {expected}")
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not bool(torch.isfinite(x).all()):
         raise InputError("inputs hold NaN or infinite values")
