@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
-from supsup.layers import MaskedLayer, TaskBatchNorm2d, _Bound
+from supsup.layers import Binding, MaskedLayer, TaskBatchNorm2d, _Bound
 
 if TYPE_CHECKING:
     from supsup.bank import MaskBank
     from supsup.networks import SupermaskNet
     from supsup.scores import TaskScores
-
-
-class Binding(Protocol):
-    """What a bound layer asks for. `group` is G in group mode, None for a single mask."""
-
-    group: int | None
-
-    def mask(self, layer: MaskedLayer) -> torch.Tensor: ...
-
-    def bn_stats(self, layer: TaskBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 @contextlib.contextmanager

@@ -14,16 +14,13 @@ Shapes in group mode (G tasks trained or evaluated at once):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from supsup.seeding import generator
-
-if TYPE_CHECKING:
-    from supsup.binding import Binding
 
 GAIN_RELU = math.sqrt(2.0)
 
@@ -43,6 +40,18 @@ def kaiming_uniform_scores(
     """Scores U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the threshold rule starts at density 1/2."""
     bound = 1.0 / math.sqrt(fan_in)
     return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+class Binding(Protocol):
+    """What a bound layer asks for (bindings live in `supsup.binding`, which imports this module:
+    the layers define the question, the bindings answer it). `group` is G in group mode, None for
+    a single mask."""
+
+    group: int | None
+
+    def mask(self, layer: MaskedLayer) -> torch.Tensor: ...
+
+    def bn_stats(self, layer: TaskBatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 class _Bound(nn.Module):
