@@ -10,7 +10,14 @@ from supsup.bank import MaskBank
 from supsup.binding import use_alphas, use_scores, use_task, use_tasks
 from supsup.convert import convert
 from supsup.discovery import DiscoveryConfig, DiscoveryResult, MaskDiscovery, discover
-from supsup.evaluate import TaskEvaluation, evaluate_task, evaluate_tasks, summarize
+from supsup.engine import InferenceEngine
+from supsup.evaluate import (
+    TaskEvaluation,
+    evaluate_group,
+    evaluate_task,
+    evaluate_tasks,
+    summarize,
+)
 from supsup.gates import GatedNet, train_gates
 from supsup.hopfield import HopfieldReservoir
 from supsup.inference import InferenceResult, alpha_gradients, infer_task
@@ -36,6 +43,7 @@ __all__ = [
     "discover",
     "train_gates",
     "NETWORKS",
+    "InferenceEngine",
     "InferenceResult",
     "MaskBank",
     "NetworkSpec",
@@ -55,6 +63,7 @@ __all__ = [
     "build_network",
     "convert",
     "erdos_renyi_densities",
+    "evaluate_group",
     "evaluate_task",
     "evaluate_tasks",
     "infer_task",
