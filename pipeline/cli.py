@@ -103,8 +103,14 @@ def train(config: str, overrides: tuple[str, ...], address: str | None) -> int:
 Examples:
   supsup evaluate configs/quickstart.yaml
   supsup evaluate models:/quickstart@champion --tracking-uri sqlite:///runs/mlflow.db
-  supsup evaluate models:/quickstart/3 --config configs/quickstart.yaml""")
+  supsup evaluate models:/quickstart/3 --config configs/quickstart.yaml
+  supsup evaluate models:/quickstart/3 --promote-if 'accuracy_gn>=0.9'""")
 @click.argument("target")
+@click.option("--promote-if", "promote_if", metavar="RULE",
+              help="When TARGET is a model version: move the promotion alias (--alias, default "
+                   "the config's tracking.alias) to it if the evaluation meets RULE, METRIC OP "
+                   "NUMBER with OP one of >= > <= < ==, e.g. 'accuracy_gn>=0.9'.")
+@click.option("--alias", metavar="ALIAS", help="The alias --promote-if moves.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Config for the data when TARGET is a model URI (default: the config logged "
                    "with the model's run).")
@@ -114,12 +120,33 @@ Examples:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set evaluate.group_size=50 (repeatable).")
 @click.option("--address", metavar="ADDRESS", help="Join the Ray cluster at ADDRESS.")
-def evaluate(target: str, config_path: str | None, tracking_uri: str | None,
-             overrides: tuple[str, ...], address: str | None) -> int:
+def evaluate(target: str, promote_if: str | None, alias: str | None, config_path: str | None,
+             tracking_uri: str | None, overrides: tuple[str, ...], address: str | None) -> int:
     """Run task inference on a bank and report accuracy. TARGET is a CONFIG (its bank in the
     mask registry, as stored now) or a model URI models:/NAME@ALIAS or models:/NAME/VERSION
     (exactly the masks that version registered)."""
-    return commands.evaluate(target, config_path, overrides, tracking_uri, address)
+    return commands.evaluate(target, config_path, overrides, tracking_uri, address,
+                             promote_if=promote_if, alias=alias)
+
+
+@cli.command(short_help="Move the promotion alias (champion) to a model version.", epilog="""\b
+Examples:
+  supsup promote models:/quickstart/2 --tracking-uri sqlite:///runs/quickstart/mlflow.db
+  supsup promote models:/quickstart@latest --alias staging --config configs/quickstart.yaml
+
+The version's bank is loaded and checked first; a version that cannot load is refused.""")
+@click.argument("model_uri")
+@click.option("--alias", metavar="ALIAS",
+              help="The alias to move (default: the config's tracking.alias, else champion).")
+@click.option("--tracking-uri", metavar="URI",
+              help="MLflow tracking URI (default: --config's, else MLFLOW_TRACKING_URI).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Read the tracking URI and the alias from this config.")
+def promote(model_uri: str, alias: str | None, tracking_uri: str | None,
+            config_path: str | None) -> int:
+    """Point the promotion alias at MODEL_URI's version, recording on the version which
+    evaluation of it (the newest) backs the promotion."""
+    return commands.promote(model_uri, alias, tracking_uri, config_path)
 
 
 @cli.command(short_help="What a registered model holds, and its lineage.", epilog="""\b

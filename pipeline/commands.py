@@ -65,7 +65,8 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
                 k: float(r[k]) for k in ("train_accuracy", "train_loss", "density", "seconds")})
 
         try:
-            summary = run_training(config, progress=bar, on_task=on_task, address=address)
+            summary = run_training(config, progress=bar, on_task=on_task, address=address,
+                                   on_curve=_curve_logger(config, tracker))
         finally:
             bar.close()
         summary.run_id = run_id
@@ -103,11 +104,34 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
     if reg is not None:
         summary.model_version = reg.version
         how = "registered as" if reg.created else "already registered as"
-        log.info("%s: %s %s (@%s)", summary.publication.source.describe(), how, reg.uri,
-                 config.tracking.alias)
+        log.info("%s: %s %s (%s)", summary.publication.source.describe(), how, reg.uri,
+                 _latest_uri(config))
     log.info("trained %d new tasks (%d already stored) in %.1f s: %.0f tasks/h",
              len(summary.trained), len(summary.skipped), summary.seconds, summary.tasks_per_hour)
     return summary
+
+
+CURVE_GROUPS = 8  # groups whose training curves are logged: evenly spaced over the task list
+
+
+def _curve_logger(config: Any, tracker: Any) -> Any:
+    """on_curve for run_training: a sample of groups' training curves as MLflow metrics
+    `train_curve/loss_tasks_A-B` and `train_curve/accuracy_tasks_A-B`, with step = training
+    step, one point per train.log_every steps (the UI charts them in one section)."""
+    size = config.train.group_size
+    groups = -(-config.tasks.num_tasks // size)
+    stride = -(-groups // CURVE_GROUPS)
+
+    def on_curve(group: list[int], curve: list[dict[str, float]]) -> None:
+        if (group[0] // size) % stride:
+            return
+        span = f"tasks_{group[0]}-{group[-1]}"
+        for point in curve:
+            tracker.log_metrics({f"train_curve/loss_{span}": point["loss"],
+                                 f"train_curve/accuracy_{span}": point["accuracy"]},
+                                step=int(point["step"]))
+
+    return on_curve
 
 
 def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
@@ -119,7 +143,9 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
     from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
 
-    with tracker.run("evaluate", tags={"job": "evaluate", "bank": source.bank,
+    # Inside `supsup run` the child is "evaluate"; on its own the run says what it evaluated.
+    name = "evaluate" if tracker.open_runs else _run_name(config, "evaluate")
+    with tracker.run(name, tags={"job": "evaluate", "bank": source.bank,
                                        "snapshot": source.snapshot_sha256,
                                        **(tags or {})}) as run_id:
         tracker.log_params({f"evaluate.{k}": str(v)
@@ -245,8 +271,12 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
 
     # One parent run; the train, register and evaluate runs open inside it: its children. One
     # Ray session for both jobs: evaluation reuses the workers training warmed up.
-    with tracker.run("run", tags={"job": "run", "bank": config.bank}) as parent_id, \
-            ray_session(config.cluster, address):
+    from pipeline.config import dump_config
+
+    with tracker.run(_run_name(config, "run"), tags={"job": "run", "bank": config.bank}
+                     ) as parent_id, ray_session(config.cluster, address):
+        tracker.log_params(config.flat_params())
+        tracker.log_text(dump_config(config), "config.yaml")
         summary = do_train(config, address, tracker)
         report, files = do_evaluate(config, summary.publication.source, address, tracker,
                                     {"train_run_id": summary.run_id or ""},
@@ -257,8 +287,56 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
                           "snapshot": summary.publication.source.snapshot_sha256,
                           "mlflow.note.content": _run_description(config, summary, report)},
                          run_id=parent_id)
+        promotion = None
+        if config.tracking.promote_if and summary.model_version:
+            promotion = promote_if_met(
+                config.tracking.promote_if, f"models:/{config.model_name}/"
+                f"{summary.model_version}", config.tracking_uri, config.tracking.alias, report)
+            tracker.set_tags({"promoted": str(promotion is not None).lower()}, run_id=parent_id)
     print_evaluation(report, files)
-    where(config, summary.model_version)
+    where(config, summary.model_version, promoted=promotion is not None)
+    return 0
+
+
+def _run_name(config: Any, job: str) -> str:
+    from pipeline.tracking.runs import run_name
+
+    t = config.train
+    density = t.density if t.rule == "topk" and t.density is not None else t.rule
+    return run_name(config.name, job, config.tasks.num_tasks, density)
+
+
+def promote_if_met(rule_text: str, model_uri: str, tracking_uri: str, alias: str,
+                   report: Any) -> Any:
+    """Promote `model_uri` to `alias` when the evaluation `report` meets the rule; says on the
+    terminal which way it went. Returns the Promotion, or None when the rule is not met."""
+    from pipeline.promotion_rule import parse_rule
+    from pipeline.tracking.promotion import promote as promote_version
+
+    rule = parse_rule(rule_text)
+    value = report.summary.get(rule.metric)
+    if not rule.check(report.summary):
+        print(f"not promoted: {rule.metric} {value:.4g} does not meet {rule}; @{alias} is "
+              "unchanged")
+        return None
+    done = promote_version(model_uri, tracking_uri, alias, evaluation_run=report.run_id,
+                           metrics=report.summary, rule=str(rule))
+    print(f"promoted: {rule.metric} {value:.4g} meets {rule}; models:/{done.name}@{alias} -> "
+          f"version {done.version} (was {done.previous or 'unset'})")
+    return done
+
+
+def promote(model_uri: str, alias: str | None, tracking_uri: str | None,
+            config_path: str | None) -> int:
+    """`supsup promote MODEL_URI`: move the promotion alias to the version, named by number."""
+    from pipeline.tracking.promotion import promote as promote_version
+
+    alias = alias or (load(config_path).tracking.alias if config_path else "champion")
+    done = promote_version(model_uri, resolve_tracking_uri(tracking_uri, config_path), alias)
+    evidence = (f"evaluation run {done.evaluation_run}" if done.evaluation_run
+                else "no recorded evaluation")
+    print(f"models:/{done.name}@{alias} -> version {done.version} (was "
+          f"{done.previous or 'unset'}; {evidence})")
     return 0
 
 
@@ -278,9 +356,23 @@ def _run_description(config: Any, summary: Any, report: Any) -> str:
 
 
 def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
-             tracking_uri: str | None, address: str | None) -> int:
+             tracking_uri: str | None, address: str | None, promote_if: str | None = None,
+             alias: str | None = None) -> int:
+    """0 when evaluated (and, with `promote_if`, promoted); 1 when the rule was not met."""
     from pipeline.config import parse_config
 
+    rule = None
+    if promote_if is not None:
+        from pipeline.promotion_rule import parse_rule
+
+        rule = parse_rule(promote_if)  # a typo fails before anything runs
+        if not target.startswith("models:/"):
+            raise ValueError(f"--promote-if {promote_if!r} promotes a model version: evaluate "
+                             "models:/NAME/VERSION (or models:/NAME@ALIAS) instead of a config")
+    if alias is not None:
+        from pipeline.tracking.model_registry import check_alias
+
+        check_alias(alias)
     if target.startswith("models:/"):
         from pipeline.tracking import model_source, run_config_text
 
@@ -295,16 +387,24 @@ def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
                 config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
                                       f"{target} (config.yaml of run {info['run_id']})",
                                       list(overrides))
+            if rule is not None:
+                rule.check_measured(config.evaluate.gn)
             tags = {"model_uri": target, "model_version": str(info["version"])}
             report, files = do_evaluate(config, source, address, open_tracker(config, address),
                                         tags,
                                         model=(info["name"], int(info["version"])))
-    else:
-        from pipeline.registry import MaskRegistry
+        print_evaluation(report, files)
+        if rule is None:
+            return 0
+        pinned = f"models:/{info['name']}/{info['version']}"
+        promoted = promote_if_met(promote_if, pinned, uri, alias or config.tracking.alias,
+                                  report)
+        return 0 if promoted is not None else 1
+    from pipeline.registry import MaskRegistry
 
-        config = load(target, overrides)
-        source = MaskRegistry(config.registry.root).source(config.bank)
-        report, files = do_evaluate(config, source, address, open_tracker(config, address))
+    config = load(target, overrides)
+    source = MaskRegistry(config.registry.root).source(config.bank)
+    report, files = do_evaluate(config, source, address, open_tracker(config, address))
     print_evaluation(report, files)
     return 0
 
@@ -390,7 +490,14 @@ def registry_export(root: str, bank: str, dest: str) -> int:
     return 0
 
 
-def where(config: Any, version: int | None) -> None:
+def _latest_uri(config: Any) -> str:
+    """The URI of the newest version: MLflow's own models:/NAME/latest, or the latest alias."""
+    latest = config.tracking.latest_alias
+    return (f"models:/{config.model_name}/latest" if latest.lower() == "latest"
+            else f"models:/{config.model_name}@{latest}")
+
+
+def where(config: Any, version: int | None, promoted: bool = False) -> None:
     """Where the command left its outputs, and how to look at them."""
     print(f"run folder: {config.run_dir}")
     if log_file() is not None:
@@ -399,6 +506,11 @@ def where(config: Any, version: int | None) -> None:
     print(f"MLflow: {config.tracking_uri} (experiment {config.experiment_name}); "
           f"browse with `mlflow ui --backend-store-uri {config.tracking_uri}`")
     if version is not None:
-        print(f"model: models:/{config.model_name}@{config.tracking.alias} (version {version}); "
-              f"`supsup lookup models:/{config.model_name}@{config.tracking.alias} "
-              f"--tracking-uri {config.tracking_uri}`")
+        print(f"model: {_latest_uri(config)} (version {version}); `supsup lookup "
+              f"{_latest_uri(config)} --tracking-uri {config.tracking_uri}`")
+        alias = f"models:/{config.model_name}@{config.tracking.alias}"
+        if promoted:
+            print(f"promoted: {alias} (version {version})")
+        else:
+            print(f"promote it with `supsup promote models:/{config.model_name}/{version} "
+                  f"--tracking-uri {config.tracking_uri}` to move {alias}")

@@ -45,5 +45,5 @@ def publish_bank(config: ExperimentConfig, tracker: Any, run_id: str | None) -> 
             # The evaluation's mode decides a test batch's task (the paper's protocol); a served
             # request may mix tasks, so the model keeps its own default (per_example).
             inference_defaults={"method": e.method, "objective": e.objective},
-            aliases=[config.tracking.alias], tags={"experiment": config.name})
+            aliases=[config.tracking.latest_alias], tags={"experiment": config.name})
     return Publication(source, registration)

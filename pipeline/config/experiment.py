@@ -284,7 +284,19 @@ class ExperimentConfig(Section):
             unused.add("sweep")
         if self.model != "batchensemble":
             unused.add("baseline")
-        return {k: str(v) for k, v in flatten(self.model_dump(exclude=unused)).items()}
+        # Keys the chosen task family, optimiser or mask rule never reads (train_recipe's rule).
+        t, tr = self.tasks, self.train
+        unused_keys = {"tasks.degrees"} if t.family != "rotated" else set()
+        if t.family != "split":
+            unused_keys.add("tasks.classes_per_task")
+        if tr.optimizer != "sgd":
+            unused_keys.add("train.momentum")
+        if tr.epochs is not None:
+            unused_keys.add("train.steps")
+        if tr.rule != "topk":
+            unused_keys |= {"train.density", "train.erdos_renyi_scale"}
+        return {k: str(v) for k, v in flatten(self.model_dump(exclude=unused)).items()
+                if k not in unused_keys}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

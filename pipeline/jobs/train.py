@@ -106,7 +106,21 @@ def train_group_worker(config_data: dict[str, Any], task_ids: list[int],
         status = "kept" if t in stored else _store(registry, config.bank, t, result,
                                                    {**metrics, "node_id": node_id})
         out.append({"task_id": t, "status": status, "node_id": node_id, **metrics})
+    out[0]["curve"] = group_curve(result.history)
     return out
+
+
+def group_curve(history: list[Any]) -> list[dict[str, float]]:
+    """The group's training curve: at each log point (supsup.train's TrainProgress, every
+    train.log_every steps), the mean loss and accuracy over the group's tasks, by step."""
+    points: dict[int, list[float]] = {}
+    for p in history:
+        acc = points.setdefault(p.step, [0.0, 0.0, 0.0])
+        acc[0] += sum(p.loss)
+        acc[1] += sum(p.accuracy)
+        acc[2] += len(p.loss)
+    return [{"step": step, "loss": a[0] / a[2], "accuracy": a[1] / a[2]}
+            for step, a in sorted(points.items()) if a[2]]
 
 
 def _store(registry: MaskRegistry, bank: str, task_id: int, result: Any,
@@ -194,12 +208,14 @@ def run_training(
     progress: Callable[[float, int], None] | None = None,
     on_task: Callable[[dict[str, Any]], None] | None = None,
     address: str | None = None,
+    on_curve: Callable[[list[int], list[dict[str, float]]], None] | None = None,
 ) -> TrainSummary:
     """Train every task of `config` not yet in the registry, with Ray workers.
 
     `progress(done, total)` is called as groups finish and, while they run, about every second
     with `done` counting their fraction of steps (a float); `on_task(metrics)` once per new task
-    (the CLI hangs the progress bar and MLflow logging there).
+    (the CLI hangs the progress bar and MLflow logging there); `on_curve(group, curve)` once per
+    trained group, with its `group_curve`.
     """
 
     registry, stored = prepare_bank(config)
@@ -236,6 +252,9 @@ def run_training(
     all_set = set(all_ids)
 
     def on_result(group: list[int], results: list[dict[str, Any]]) -> None:
+        curve = results[0].pop("curve", None) if results else None
+        if on_curve and curve:
+            on_curve(group, curve)
         for r in results:
             summary.nodes[r["task_id"]] = r.pop("node_id", "")
             if r["task_id"] in done:

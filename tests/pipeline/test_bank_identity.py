@@ -72,7 +72,7 @@ def test_a_version_evaluates_exactly_its_content_after_the_bank_grew(
         report = _report(config)
         assert [r["task_id"] for r in report["tasks"]] == [0, 1]
         assert report["source"]["task_ids"] == [0, 1]
-    assert main(["evaluate", "models:/ident@champion", "--tracking-uri",
+    assert main(["evaluate", "models:/ident/latest", "--tracking-uri",
                  config.tracking_uri]) == 0
     assert [r["task_id"] for r in _report(config)["tasks"]] == [0, 1, 2, 3]
 
@@ -85,7 +85,7 @@ def test_a_rerun_adds_no_version_and_keeps_the_training_summary(
     assert main(["run", grown["exp"], "--set", "tasks.num_tasks=4"]) == 0
     assert _versions(config) == [1, 2]
     client = MlflowClient(config.tracking_uri)
-    assert int(client.get_model_version_by_alias("ident", "champion").version) == 2
+    assert "champion" not in client.get_registered_model("ident").aliases  # never promoted
     assert (config.run_dir / "train_summary.json").read_text() == summary
 
 
@@ -192,7 +192,7 @@ def test_verify_and_lookup_show_the_recipe(
     capsys.readouterr()
     assert main(["registry", "verify", "ident", "--root", config.registry.root]) == 0
     assert f"ident: recipe: {RECIPE_LINE}\n" in capsys.readouterr().out
-    assert main(["lookup", "models:/ident@champion", "--tracking-uri", config.tracking_uri]) == 0
+    assert main(["lookup", "models:/ident/latest", "--tracking-uri", config.tracking_uri]) == 0
     assert RECIPE_LINE in capsys.readouterr().out  # the summary's line, or the JSON field
 
 

@@ -28,7 +28,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train": {"steps": 60, "group_size": 3, "log_every": 30},
         "evaluate": {"group_size": 3, "curve_points": 3, "max_batches": 3},
         "registry": {"root": str(root / "registry")},
-        "tracking": {"alias": "champion"},
+        # `supsup run` registers version 1, then promotes it: its evaluation meets the rule
+        "tracking": {"alias": "champion", "promote_if": "task_inference_accuracy>=0.5"},
     }))
     return root
 
@@ -86,7 +87,10 @@ def test_run_is_one_parent_run_with_train_and_evaluate_children(trained: Path) -
         [experiment.experiment_id]) if r.data.tags.get("job") in ("run", "train", "evaluate")}
     runs.update({r.data.tags["mlflow.runName"]: r for r in client.search_runs(
         [experiment.experiment_id]) if r.data.tags.get("job") == "register"})
-    parent, train, evaluate = runs["run"], runs["train"], runs["evaluate"]
+    (parent,) = [r for r in runs.values() if r.data.tags["job"] == "run"]
+    train, evaluate = runs["train"], runs["evaluate"]
+    assert parent.info.run_name.startswith("clitest-run-6tasks-threshold-")
+    assert parent.data.tags["promoted"] == "true"
     register = runs["register"]
     assert "mlflow.parentRunId" not in parent.data.tags
     for child in (train, register, evaluate):

@@ -41,7 +41,8 @@ def _write_config(root: Path, tracking_uri: str | None) -> Path:
         "train": {"steps": 20, "group_size": 2, "log_every": 10},
         "evaluate": {"group_size": 2, "curve_points": 0, "max_batches": 2},
         "registry": {"root": str(root / "registry")},
-        "tracking": {"alias": "champion", **({"uri": tracking_uri} if tracking_uri else {})},
+        "tracking": {"alias": "champion", "promote_if": "accuracy_gg>=0",
+                     **({"uri": tracking_uri} if tracking_uri else {})},
     }))
     return path
 
@@ -75,8 +76,8 @@ def test_run_lookup_and_evaluate_through_mlflow_server_on_postgres(
 
         experiment = client.get_experiment_by_name(NAME)
         runs = client.search_runs([experiment.experiment_id])
-        names = sorted(r.info.run_name for r in runs)
-        assert names == ["evaluate", "evaluate", "register", "run", "train"], names  # run: parent
+        jobs = sorted(r.data.tags["job"] for r in runs)
+        assert jobs == ["evaluate", "evaluate", "register", "run", "train"], jobs  # run: parent
         assert {r.info.status for r in runs} == {"FINISHED"}
         by_model = [r for r in runs if r.data.tags.get("model_uri") == f"models:/{NAME}/1"]
         assert len(by_model) == 1 and by_model[0].data.tags["model_version"] == "1"

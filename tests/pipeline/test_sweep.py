@@ -94,9 +94,11 @@ def test_asha_sweep_logs_child_runs_and_writes_best_config(
 
     tracker = Tracker(parse_config(base(tmp_path)).tracking_uri, "sweeptest")
     runs = tracker.client.search_runs([tracker.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "sweep"]
+    parents = [r for r in runs if r.data.tags.get("job") == "sweep"]
     assert len(parents) == 1
     parent = parents[0]
+    assert parent.info.run_name.startswith("sweeptest-sweep-3tasks-train.density-")
+    assert "train.density" not in parent.data.params  # only the trials used a density
     assert parent.data.params["best.train.density"] == str(best["train.density"])
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
     assert parent.data.metrics["trials_stopped_early"] == len(stopped)

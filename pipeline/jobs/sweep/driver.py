@@ -87,6 +87,7 @@ def run_sweep(config: ExperimentConfig, *, address: str | None = None) -> SweepS
     from pipeline.config import dump_config
     from pipeline.report import plot_sweep
     from pipeline.tracking import Tracker
+    from pipeline.tracking.runs import run_name
 
     sweep = _sweep(config)
     probes = validate_space(config)
@@ -100,8 +101,11 @@ def run_sweep(config: ExperimentConfig, *, address: str | None = None) -> SweepS
         worker_slots(config.cluster, resources)  # a GPU request the cluster cannot meet fails here
         config.run_dir.mkdir(parents=True, exist_ok=True)
         tracker = Tracker(config.tracking_uri, config.experiment_name)
-        with tracker.run("sweep", tags={"job": "sweep", "metric": sweep.metric}) as parent_id:
-            tracker.log_params(config.flat_params(), run_id=parent_id)
+        name = run_name(config.name, "sweep", config.tasks.num_tasks, "+".join(keys))
+        with tracker.run(name, tags={"job": "sweep", "metric": sweep.metric}) as parent_id:
+            # The swept keys are the trials' params: the base config's value was never used.
+            tracker.log_params({k: v for k, v in config.flat_params().items()
+                                if k not in sweep.space}, run_id=parent_id)
             tracker.log_text(dump_config(config), "config.yaml", run_id=parent_id)
             callback = _trial_callback(tracker, parent_id, keys)
             error: BaseException | None = None
