@@ -49,7 +49,9 @@ def checked_version(model_uri: str, tracking_uri: str) -> Any:
         input_shape=tuple(spec.input_shape),
         # what registration records in model.json, from the bank's (hashed) manifest
         input_norm=input_normalization(info["mask"].get("dataset")),
-        defaults=dict(info["inference_defaults"]))
+        # each row's own task unless a request asks otherwise, also for versions registered
+        # when the evaluation's mode was recorded as the served one
+        defaults={**info["inference_defaults"], "mode": "per_example"})
 
 
 def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,

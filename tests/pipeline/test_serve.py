@@ -72,8 +72,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory, trained: dict) -> dict[str, Any]:
-    """Version 1 of MODEL embeds bank perm (registered as the pipeline does: no mode given, so
-    the served default per_example applies); model "doomed" pins its bank in the registry."""
+    """MODEL embeds bank perm with the evaluation's mode one_image recorded (as versions were
+    registered before per_example became the served default); "fresh" holds the same bank as
+    `supsup train` registers it now (no mode: the model's default); "doomed" pins its bank in
+    the registry."""
     db = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     tracker = Tracker(db, "serve")
     registry = trained["registry"]
@@ -81,9 +83,12 @@ def registered(tmp_path_factory: pytest.TempPathFactory, trained: dict) -> dict[
     with tracker.run("train") as run_id:
         source = export_bank(registry, "perm", embed)
         reg = register_bank(tracker, run_id, MODEL, source, bank_file=embed,
-                            inference_defaults={"method": "one_shot", "objective": "entropy"})
+                            inference_defaults={"method": "one_shot", "mode": "one_image"})
+        fresh = register_bank(tracker, run_id, "fresh", source, bank_file=embed,
+                              inference_defaults={"method": "one_shot", "objective": "entropy"})
         doomed = register_bank(tracker, run_id, "doomed", export_bank(registry, "doomed", None))
     return {"db": db, "uri": f"models:/{MODEL}/{reg.version}", "source": source,
+            "fresh": f"models:/fresh/{fresh.version}",
             "doomed": f"models:/doomed/{doomed.version}"}
 
 
@@ -196,7 +201,7 @@ def test_the_mlflow_model_answers_per_example_and_takes_float64(trained: dict,
     raw = np.concatenate([_raw_pixels(trained["tasks"], 0, 8), _raw_pixels(trained["tasks"], 2, 8)])
     mlflow.set_tracking_uri(registered["db"])
     try:
-        model = mlflow.pyfunc.load_model(registered["uri"])
+        model = mlflow.pyfunc.load_model(registered["fresh"])
     finally:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     out = model.predict(raw.astype(np.float64), params={"input_scale": "0-255"})
@@ -221,7 +226,8 @@ def test_a_mixed_batch_gets_each_examples_task(server: Server, trained: dict,
                                                registered: dict) -> None:
     """8 images of task 0 then 8 of task 2 in one request, and the same 16 as concurrent
     single-image requests (batched together by the server): each row gets the task and class
-    the in-process answer gives, and those are mostly the true tasks."""
+    the in-process answer gives, and those are mostly the true tasks. The version recorded
+    mode one_image; `supsup serve` still answers each row on its own unless asked."""
     raw = np.concatenate([_raw_pixels(trained["tasks"], 0, 8), _raw_pixels(trained["tasks"], 2, 8)])
     truth = [0] * 8 + [2] * 8
     expected = _reference(trained, registered, raw)
@@ -233,6 +239,10 @@ def test_a_mixed_batch_gets_each_examples_task(server: Server, trained: dict,
     assert np.allclose([r["confidence"] for r in rows], expected.confidence.numpy(), atol=1e-4)
     # 200 training steps: one image finds its task well among 3 (chance: 1/3)
     assert sum(r["task_id"] == t for r, t in zip(rows, truth)) >= 13, rows
+    status, body, _ = _post(server, {"inputs": raw.tolist(),  # the paper's protocol, if asked
+                                     "params": {"input_scale": "0-255", "mode": "one_image"}})
+    assert status == 200, body
+    assert {r["task_id"] for r in body["predictions"]} == {int(expected.task_ids[0])}
 
     answers: dict[int, Any] = {}
 
