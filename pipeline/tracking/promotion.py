@@ -29,7 +29,7 @@ PROMOTED_BY_TAG = "supsup.promoted_by_run"  # on a version: the evaluation run t
 PROMOTION_TAG = "supsup.promotion."  # + alias, on a version: JSON of what promoted it
 PROMOTED_TAG = "promoted"  # on an evaluation run: models:/NAME/VERSION@ALIAS it promoted
 _SHOWN = ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
-_DESCRIPTION_LIMIT = 5000  # MLflow's limit on a version description
+_PROMOTIONS_KEPT = 10  # promotion lines a version description keeps, newest last
 
 
 @dataclass
@@ -87,8 +87,10 @@ def promote(model_uri: str, tracking_uri: str, alias: str, *,
     client.set_model_version_tag(name, str(version), PROMOTED_BY_TAG, evaluation_run or "by hand")
     line = _describe(alias, evaluation_run, metrics, rule, when)
     mv = client.get_model_version(name, str(version))
-    description = f"{mv.description}\n\n{line}" if mv.description else line
-    client.update_model_version(name, str(version), description=description[-_DESCRIPTION_LIMIT:])
+    # The evaluation summary first, then the newest promotions (MLflow keeps 5000 characters).
+    paragraphs = mv.description.split("\n\n") if mv.description else []
+    kept = paragraphs[:1] + paragraphs[1:][-(_PROMOTIONS_KEPT - 1):]
+    client.update_model_version(name, str(version), description="\n\n".join([*kept, line]))
     client.set_registered_model_alias(name, alias, str(version))
     if evaluation_run is not None:
         try:

@@ -103,6 +103,16 @@ def test_registration_moves_latest_and_only_promotion_moves_champion(
     assert _alias(client, "champion") == 1
     assert json.loads(client.get_model_version(NAME, "1").tags[PROMOTION_TAG + "champion"])[
         "rule"] is None
+    # a later evaluation replaces the evaluation summary; the promotions stay in the description
+    assert main(["evaluate", f"models:/{NAME}/1", "--tracking-uri", uri]) == 0
+    described = client.get_model_version(NAME, "1").description.split("\n\n")
+    latest = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.run_id in described[0] and len(described) == 3
+    assert described[1].startswith("Promoted to @champion on") and "meeting accuracy_gg>=0" in \
+        described[1]
+    assert described[2].startswith("Promoted to @champion on") and "by evaluate run" in \
+        described[2]
 
 
 def test_bad_promotion_rules_fail_before_anything_runs(
