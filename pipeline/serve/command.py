@@ -31,6 +31,23 @@ def _load_config(config_path: str | None, overrides: tuple[str, ...]) -> Any:
     return parse_config({}, "--set", list(overrides))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ValueError naming serve.port when this machine cannot listen there (another server holds
+    it): Ray Serve's proxy would otherwise retry the port in the background while nothing
+    answers."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # as servers bind: a port whose old connections linger in TIME_WAIT is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"serve.port {port} on {host} is not free ({exc.strerror}); stop "
+                             "what listens there or choose another, e.g. --set "
+                             f"serve.port={port + 1}") from None
+
+
 def checked_version(model_uri: str, tracking_uri: str) -> Any:
     """The ServedVersion of `model_uri` (an alias resolves to its version number now), after
     loading its masks once: BankMismatchError naming the bank when the registry no longer holds
@@ -61,10 +78,12 @@ def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
     from pipeline.commands import resolve_tracking_uri
 
     config = _load_config(config_path, overrides)
-    uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
-    version = checked_version(model_uri, uri)
     settings: ServeSection = config.serve
     joined = cluster_address(config.cluster, address) is not None
+    if not joined:  # on a cluster, the proxy listens on the cluster's nodes
+        check_port_free(settings.host, settings.port)
+    uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
+    version = checked_version(model_uri, uri)
     with ray_session(config.cluster, address):
         from ray import serve
 

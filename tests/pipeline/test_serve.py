@@ -339,6 +339,17 @@ def test_serve_has_its_own_help_and_checks_its_settings(
     assert err.startswith("error: --set") and "serve.max_batch_size" in err
     assert "greater than" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "none.db").exists()  # refused before anything was opened
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "models:/m/1", "--tracking-uri", db,
+                     "--set", f"serve.port={port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: serve.port {port} on 127.0.0.1 is not free"), err
+    assert not (tmp_path / "none.db").exists()
 
 
 def test_serve_joins_a_cluster_and_leaves_it_running(tmp_path: Path, registered: dict) -> None:
