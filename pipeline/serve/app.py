@@ -226,6 +226,13 @@ class Front:
                 if attempt + 1 < _RETRIES:
                     await asyncio.sleep(delay)
                     delay *= 2
+            except Exception as exc:  # noqa: BLE001  (one bounded line, never a traceback)
+                log.exception("answering failed")
+                cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the replica's
+                first = (str(cause).strip().splitlines() or [""])[-1][:200]
+                return _error(500, "INTERNAL_ERROR",
+                              f"{type(cause).__name__} while answering: {first}; the replica "
+                              "log has the traceback")
         return _error(503, "REPLICA_UNAVAILABLE",
                       f"the bank replica of {self.version.model_uri} died and was not back "
                       f"after {_RETRIES} tries; Ray restarts it, retry shortly")
