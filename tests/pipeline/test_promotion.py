@@ -197,3 +197,39 @@ def test_a_version_that_cannot_load_is_not_promoted(
         assert _alias(client, "champion") == 1
     finally:
         bank.write_bytes(saved)
+
+
+@pytest.mark.parametrize(("text", "metrics", "holds"), [
+    ("accuracy_gn>=0.9", {"accuracy_gn": 0.9}, True),
+    (" accuracy_gn > 0.9 ", {"accuracy_gn": 0.9}, False),
+    ("accuracy_gg<=1e-1", {"accuracy_gg": 0.05}, True),
+    ("tasks==2500", {"tasks": 2500.0}, True),
+    ("task_inference_accuracy<.5", {"task_inference_accuracy": 0.5}, False),
+])
+def test_a_rule_compares_one_metric_with_one_number(text: str, metrics: dict,
+                                                    holds: bool) -> None:
+    from pipeline.promotion_rule import parse_rule
+
+    assert parse_rule(text).check(metrics) is holds
+
+
+@pytest.mark.parametrize("text", [
+    "accuracy_gn", "accuracy_gn>=", ">=0.9", "accuracy_gn=>0.9", "accuracy_gn>=0.9 and 1",
+    "__import__('os').system('x')>=0", "accuracy_gn>=0.9;", "accuracy_gn>=1e999", "",
+])
+def test_anything_else_is_not_a_rule(text: str) -> None:
+    from pipeline.promotion_rule import parse_rule
+
+    with pytest.raises(ValueError, match="promotion rule"):
+        parse_rule(text)
+
+
+def test_a_metric_the_evaluation_does_not_measure_is_named_with_those_it_does() -> None:
+    from pipeline.promotion_rule import parse_rule
+
+    with pytest.raises(KeyError, match=r"'accuracy_gn' \(GN metrics need evaluate.gn: true\); "
+                                       r"available: accuracy_gg, examples, tasks"):
+        parse_rule("accuracy_gn>=0.9").check_measured(gn=False)
+    with pytest.raises(KeyError, match="has no metric 'accuracy_gn'; available: accuracy_gg"):
+        parse_rule("accuracy_gn>=0.9").check({"accuracy_gg": 1.0})
+    parse_rule("inferences>0").check_measured(gn=True)
