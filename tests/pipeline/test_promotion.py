@@ -4,6 +4,8 @@ promotion is asked for (`supsup promote`, `evaluate --promote-if`, `tracking.pro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -40,11 +42,15 @@ def two_versions(ray_local: None, project: Path) -> dict:
     """`supsup run` on 2 tasks (version 1, promoted by its evaluation), then `supsup train` on
     4 tasks (version 2, never evaluated)."""
     config_path = str(project / "exp.yaml")
-    assert main(["run", config_path]) == 0
-    assert main(["train", config_path, "--set", "tasks.num_tasks=4"]) == 0
+    printed = [io.StringIO(), io.StringIO()]
+    with contextlib.redirect_stdout(printed[0]):
+        assert main(["run", config_path]) == 0
+    with contextlib.redirect_stdout(printed[1]):
+        assert main(["train", config_path, "--set", "tasks.num_tasks=4"]) == 0
     config = load_config(config_path)
     return {"path": config_path, "config": config, "uri": config.tracking_uri,
-            "client": MlflowClient(config.tracking_uri)}
+            "client": MlflowClient(config.tracking_uri),
+            "printed": [p.getvalue() for p in printed]}
 
 
 def _alias(client: MlflowClient, alias: str) -> int:
@@ -113,6 +119,16 @@ def test_registration_moves_latest_and_only_promotion_moves_champion(
         described[1]
     assert described[2].startswith("Promoted to @champion on") and "by evaluate run" in \
         described[2]
+
+
+def test_the_commands_say_where_the_newest_and_the_promoted_version_are(
+        two_versions: dict) -> None:
+    run, train = two_versions["printed"]
+    assert "promoted: accuracy_gg " in run and "meets accuracy_gg>=0" in run
+    assert f"model: models:/{NAME}@newest (version 1)" in run
+    assert f"promoted: models:/{NAME}@champion (version 1)" in run
+    assert f"model: models:/{NAME}@newest (version 2)" in train
+    assert f"promote it with `supsup promote models:/{NAME}/2 --tracking-uri " in train
 
 
 def test_bad_promotion_rules_fail_before_anything_runs(
