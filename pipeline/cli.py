@@ -109,7 +109,8 @@ Examples:
 @click.option("--promote-if", "promote_if", metavar="RULE",
               help="When TARGET is a model version: move the promotion alias (--alias, default "
                    "the config's tracking.alias) to it if the evaluation meets RULE, METRIC OP "
-                   "NUMBER with OP one of >= > <= < ==, e.g. 'accuracy_gn>=0.9'.")
+                   "NUMBER with OP one of >= > <= < ==, e.g. 'accuracy_gn>=0.9'; exit status "
+                   "1 when the evaluation does not meet it.")
 @click.option("--alias", metavar="ALIAS", help="The alias --promote-if moves.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Config for the data when TARGET is a model URI (default: the config logged "
