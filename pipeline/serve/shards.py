@@ -118,6 +118,7 @@ class BankShard:
                 "pid": os.getpid(), "node": ray_node()}
 
     def memory(self) -> dict[str, int]:
+        """This shard's process id and resident memory (KiB), to size shards by measurement."""
         return {"pid": os.getpid(), **_memory_kib()}
 
     def mixture(self) -> Mixture:
