@@ -8,7 +8,8 @@ Start here:
 
 Every failure is one `error:` line saying what to do next (--debug: the traceback). The whole
 log of a command, MLflow's and Ray's lines included, is in its run folder's supsup.log. The
-options below may also follow the command (`supsup run CONFIG -q`).
+options below may also follow the command (`supsup run CONFIG -q`). Tab completion in bash:
+eval "$(_SUPSUP_COMPLETE=bash_source supsup)" (zsh_source, fish_source for those shells).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import click
 
 from pipeline import commands
+from pipeline.summaries import Format
 
 log = logging.getLogger("supsup")
 
@@ -51,6 +53,15 @@ def _config_options(fn: Any) -> Any:
     return click.argument("config", type=click.Path(dir_okay=False))(fn)
 
 
+def _format_option(fn: Any) -> Any:
+    """--format table|json: a summary bounded in lines, or the whole data as one JSON document
+    on stdout (every task id; log lines stay on stderr)."""
+    return click.option("--format", "fmt", type=click.Choice(["table", "json"]),
+                        default="table", show_default=True,
+                        help="table: a summary for people (task ranges, counts, the worst "
+                             "tasks); json: everything, for programs.")(fn)
+
+
 class _InOrder(click.Group):
     """Lists commands in the order they are defined (the order a newcomer needs them)."""
 
@@ -59,7 +70,7 @@ class _InOrder(click.Group):
 
 
 @click.group(cls=_InOrder, help=__doc__, context_settings=_SETTINGS)
-@click.version_option(_version(), "--version", prog_name="supsup",
+@click.version_option(_version(), "-V", "--version", prog_name="supsup",
                       message="%(prog)s %(version)s")
 @click.option("-q", "--quiet", is_flag=True,
               help="Print results and errors only: no progress bars, no INFO lines.")
@@ -121,13 +132,15 @@ Examples:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set evaluate.group_size=50 (repeatable).")
 @click.option("--address", metavar="ADDRESS", help="Join the Ray cluster at ADDRESS.")
+@_format_option
 def evaluate(target: str, promote_if: str | None, alias: str | None, config_path: str | None,
-             tracking_uri: str | None, overrides: tuple[str, ...], address: str | None) -> int:
+             tracking_uri: str | None, overrides: tuple[str, ...], address: str | None,
+             fmt: Format) -> int:
     """Run task inference on a bank and report accuracy. TARGET is a CONFIG (its bank in the
     mask registry, as stored now) or a model URI models:/NAME@ALIAS or models:/NAME/VERSION
     (exactly the masks that version registered)."""
     return commands.evaluate(target, config_path, overrides, tracking_uri, address,
-                             promote_if=promote_if, alias=alias)
+                             promote_if=promote_if, alias=alias, fmt=fmt)
 
 
 @cli.command(short_help="Move the promotion alias (champion) to a model version.", epilog="""\b
@@ -161,11 +174,12 @@ Examples:
               help="MLflow tracking URI (default: --config's, else MLFLOW_TRACKING_URI).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Read the tracking URI from this config.")
+@_format_option
 def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
-           config_path: str | None) -> int:
+           config_path: str | None, fmt: Format) -> int:
     """What the registered model MODEL_URI holds: bank, snapshot, tasks, where its masks
     live, and its lineage (the runs that trained, registered and evaluated it)."""
-    return commands.lookup(model_uri, task, tracking_uri, config_path)
+    return commands.lookup(model_uri, task, tracking_uri, config_path, fmt)
 
 
 @cli.command(short_help="Serve a model version over HTTP on Ray Serve, batching requests.",
@@ -217,7 +231,7 @@ def sweep(config: str, overrides: tuple[str, ...], address: str | None) -> int:
 @cli.command(short_help="The paper's experiments at reduced scale: docs/RESULTS.md.",
              epilog="""\b
 Examples:
-  supsup results --run                   every experiment at reduced scale (about an hour)
+  supsup results --run                   every experiment at reduced scale (8 minutes on 2 CPUs)
   supsup results --run --only hopfield   one entry
   supsup results                         rebuild docs/RESULTS.md from earlier runs""")
 @click.option("--run", "run_first", is_flag=True,
@@ -237,9 +251,10 @@ def results(run_first: bool, only: str | None, out: str, doc: str) -> int:
 
 
 @cli.group(cls=_InOrder, context_settings=_SETTINGS,
-           short_help="Inspect the mask registry: ls, verify, export.")
+           short_help="The mask registry: ls, verify, export, import.")
 def registry() -> None:
-    """Inspect the mask registry: list banks, verify their files, export one as a bank file."""
+    """The mask registry: list banks, verify their files, export one as a bank file, import a
+    bank file."""
 
 
 _ROOT = click.option("--root", default="runs/registry", show_default=True, metavar="PATH",
@@ -252,9 +267,11 @@ Examples:
   supsup registry ls quickstart --root s3://masks/registry""")
 @click.argument("bank", required=False)
 @_ROOT
-def registry_ls(bank: str | None, root: str) -> int:
-    """List the banks under --root (or only BANK): tasks, network, seed and mask rule."""
-    return commands.registry_ls(root, bank)
+@_format_option
+def registry_ls(bank: str | None, root: str, fmt: Format) -> int:
+    """List the banks under --root (or only BANK): tasks (as ranges), network, seed and mask
+    rule."""
+    return commands.registry_ls(root, bank, fmt)
 
 
 @registry.command("verify", short_help="Check every file of a bank.", epilog="""\b
@@ -264,9 +281,11 @@ Example:
 Exit status 0 when every file checks out, 1 otherwise.""")
 @click.argument("bank")
 @_ROOT
-def registry_verify(bank: str, root: str) -> int:
-    """Check every file of BANK against its manifest and checksums; one line per problem."""
-    return commands.registry_verify(root, bank)
+@_format_option
+def registry_verify(bank: str, root: str, fmt: Format) -> int:
+    """Check every file of BANK against its manifest and checksums; the first problems of
+    each kind are named (--format json: all of them)."""
+    return commands.registry_verify(root, bank, fmt)
 
 
 @registry.command("export", short_help="Write a bank into one bank file.", epilog="""\b
@@ -281,10 +300,37 @@ def registry_export(bank: str, dest: str, root: str) -> int:
     return commands.registry_export(root, bank, dest)
 
 
+@registry.command("import", short_help="Read a bank file into the registry.", epilog="""\b
+Examples:
+  supsup registry import quickstart.parquet
+  supsup registry import quickstart.parquet --root /mnt/shared/registry --bank quickstart-copy
+
+Every row is verified; tasks already stored with identical masks are kept, different masks
+under the same task id are refused. Importing again is a no-op.""")
+@click.argument("file", metavar="FILE")
+@click.option("--bank", metavar="NAME", help="Import under this bank name (default: the "
+                                             "exported bank's name).")
+@_ROOT
+@_format_option
+def registry_import(file: str, bank: str | None, root: str, fmt: Format) -> int:
+    """Read the bank file FILE (from `supsup registry export`, or a model version's bank file)
+    into the mask registry at --root."""
+    return commands.registry_import(root, file, bank, fmt)
+
+
+# Click's name for it: `eval "$(_SUPSUP_COMPLETE=bash_source supsup)"` installs completion.
+COMPLETE_VAR = "_SUPSUP_COMPLETE"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `supsup` command: exit status 0 on success, 1 for a failed check, 2 for an error."""
-    from pipeline.console import Console, error_line
+    from pipeline.console import Console, error_line, to_log_file_only
 
+    instruction = os.environ.get(COMPLETE_VAR)
+    if instruction:  # the shell asks for its completion script, or for completions
+        from click.shell_completion import shell_complete
+
+        return shell_complete(cli, {}, "supsup", COMPLETE_VAR, instruction)
     args = _global_flags_first(sys.argv[1:] if argv is None else list(argv))
     try:
         ctx = cli.make_context("supsup", args)
@@ -320,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001  (the one boundary: every failure is one line)
             if debug:
                 raise
-            log.debug("the command failed", exc_info=True)  # the traceback, in the log file
+            to_log_file_only("the command failed")  # the traceback, in the log file
             print(f"error: {error_line(describe_error(err))}", file=sys.stderr)
             return 2
         finally:

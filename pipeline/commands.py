@@ -7,14 +7,17 @@ around the jobs: `run` is one parent run whose train, register and evaluate runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.console import Progress, attach_log_file, log_file
+from pipeline.summaries import Format
 
 log = logging.getLogger("supsup")
 
@@ -36,9 +39,11 @@ def open_tracker(config: Any, address: str | None = None) -> Any:
     command left RUNNING are closed. From here on the command's log goes to the run folder's
     supsup.log."""
     from pipeline.cluster import check_address
+    from pipeline.paths import check_job_outputs
     from pipeline.preflight import check_before_side_effects
     from pipeline.tracking import Tracker
 
+    check_job_outputs(config, config.registry.root)  # `ray job submit` keeps every output
     check_before_side_effects(config)
     check_address(config.cluster, address)
     tracker = Tracker(config.tracking_uri, config.experiment_name)  # checks the server answers
@@ -46,6 +51,22 @@ def open_tracker(config: Any, address: str | None = None) -> Any:
     attach_log_file(config.run_dir)
     tracker.close_abandoned_runs()
     return tracker
+
+
+@contextlib.contextmanager
+def log_file_logged(tracker: Any, run_id: str) -> Iterator[None]:
+    """On the way out, success or failure, the command's supsup.log becomes an artifact of
+    `run_id`: its lines (MLflow's and Ray's included) are kept with the run, wherever the
+    command ran (a `ray job submit` entrypoint's folder may be gone later)."""
+    try:
+        yield
+    finally:
+        path = log_file()
+        if path is not None and path.exists():
+            try:
+                tracker.log_artifact(path, run_id=run_id)
+            except Exception:  # noqa: BLE001  (never hides the command's own outcome)
+                log.warning("could not log %s to run %s", path, run_id, exc_info=True)
 
 
 def do_train(config: Any, address: str | None, tracker: Any) -> Any:
@@ -183,14 +204,12 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
     return report, files
 
 
-def print_evaluation(report: Any, files: dict[str, Path]) -> None:
-    s = report.summary
-    print(f"GG accuracy {100 * s['accuracy_gg']:.2f}%", end="")
-    if "accuracy_gn" in s:
-        print(f" | GN accuracy {100 * s['accuracy_gn']:.2f}% | task inference "
-              f"{100 * s['task_inference_accuracy']:.2f}%", end="")
-    print(f" over {int(s['tasks'])} tasks")
-    print(f"report: {files['markdown']}")
+def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table") -> None:
+    """The summary and the lowest tasks (table), or every task's results (json)."""
+    from pipeline.summaries import emit, evaluation_data, evaluation_lines
+
+    emit(evaluation_lines(report, files) if fmt == "table" else None,
+         evaluation_data(report, files) if fmt == "json" else None, fmt)
 
 
 def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
@@ -274,7 +293,8 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
     from pipeline.config import dump_config
 
     with tracker.run(_run_name(config, "run"), tags={"job": "run", "bank": config.bank}
-                     ) as parent_id, ray_session(config.cluster, address):
+                     ) as parent_id, ray_session(config.cluster, address), \
+            log_file_logged(tracker, parent_id):
         tracker.log_params(config.flat_params())
         tracker.log_text(dump_config(config), "config.yaml")
         summary = do_train(config, address, tracker)
@@ -282,6 +302,8 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
                                     {"train_run_id": summary.run_id or ""},
                                     model=(config.model_name, summary.model_version)
                                     if summary.model_version else None)
+        for path in files.values():  # the parent run shows what the command produced
+            tracker.log_artifact(path, "evaluation", run_id=parent_id)
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()}, run_id=parent_id)
         tracker.set_tags({"model_version": summary.model_version or "",
                           "snapshot": summary.publication.source.snapshot_sha256,
@@ -357,7 +379,7 @@ def _run_description(config: Any, summary: Any, report: Any) -> str:
 
 def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
              tracking_uri: str | None, address: str | None, promote_if: str | None = None,
-             alias: str | None = None) -> int:
+             alias: str | None = None, fmt: Format = "table") -> int:
     """0 when evaluated (and, with `promote_if`, promoted); 1 when the rule was not met."""
     from pipeline.config import parse_config
 
@@ -393,7 +415,7 @@ def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
             report, files = do_evaluate(config, source, address, open_tracker(config, address),
                                         tags,
                                         model=(info["name"], int(info["version"])))
-        print_evaluation(report, files)
+        print_evaluation(report, files, fmt)
         if rule is None:
             return 0
         pinned = f"models:/{info['name']}/{info['version']}"
@@ -405,7 +427,7 @@ def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
     config = load(target, overrides)
     source = MaskRegistry(config.registry.root).source(config.bank)
     report, files = do_evaluate(config, source, address, open_tracker(config, address))
-    print_evaluation(report, files)
+    print_evaluation(report, files, fmt)
     return 0
 
 
@@ -426,7 +448,9 @@ def resolve_tracking_uri(tracking_uri: str | None, config_path: str | None = Non
 
 
 def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
-           config_path: str | None) -> int:
+           config_path: str | None, fmt: Format = "table") -> int:
+    """What a version holds, in about ten lines (table) or whole (json: every task id)."""
+    from pipeline.summaries import emit, lookup_lines, task_record_lines
     from pipeline.tracking import lookup as lookup_model
 
     info = lookup_model(model_uri, resolve_tracking_uri(tracking_uri, config_path))
@@ -436,50 +460,53 @@ def lookup(model_uri: str, task: int | None, tracking_uri: str | None,
         record = MaskRegistry(info["registry_root"]).read_task(info["bank"], task)
         info = {"model": model_uri, "version": info["version"], "task_id": task,
                 "densities": record.densities, "metadata": record.metadata}
-    print(json.dumps(info, indent=1, default=str))
+        emit(task_record_lines(info) if fmt == "table" else None, info, fmt)
+        return 0
+    emit(lookup_lines(info) if fmt == "table" else None, info, fmt)
     return 0
 
 
-def registry_ls(root: str, bank: str | None) -> int:
+def registry_ls(root: str, bank: str | None, fmt: Format = "table") -> int:
     from pipeline.preflight import check_registry_exists
     from pipeline.registry import MaskRegistry
+    from pipeline.summaries import bank_entry, bank_line, emit
 
     check_registry_exists(root)
     registry = MaskRegistry(root)
     banks = [bank] if bank else registry.banks()
-    if not banks:
-        print(f"no banks under {root}")
-    for b in banks:
-        m = registry.manifest(b)
-        ids = registry.tasks(b)
-        span = f"{ids[0]}..{ids[-1]}" if ids else "-"
-        print(f"{b}: {len(ids)} tasks ({span}), network {m['network']['name']} "
-              f"seed {m['network']['seed']}, rule {m['mask'].get('rule')}")
+    entries = [bank_entry(b, registry.tasks(b), registry.manifest(b)) for b in banks]
+    lines = [bank_line(e) for e in entries] or [f"no banks under {registry.root}"]
+    emit(lines, {"root": registry.root, "banks": entries}, fmt)
     return 0
 
 
-def registry_verify(root: str, bank: str) -> int:
-    """0 when every file of the bank checks out, 1 otherwise (each problem on its own line)."""
+def registry_verify(root: str, bank: str, fmt: Format = "table") -> int:
+    """0 when every file of the bank checks out, 1 otherwise; the first problems of each kind
+    are named (json: all of them)."""
     from pipeline.registry import MaskRegistry
     from pipeline.registry.manifest import describe_recipe
+    from pipeline.summaries import emit, verify_data, verify_lines
 
     report = MaskRegistry(root).verify(bank)
-    if report.manifest_problem:
-        print(f"{bank}: manifest: {report.manifest_problem}")
-    else:
-        print(f"{bank}: recipe: {describe_recipe(report.recipe)}")
-    print(f"{bank}: {len(report.ok)} tasks ok, {len(report.problems)} with problems, "
-          f"{len(report.foreign)} files that are not the bank's")
-    for t, msg in sorted(report.problems.items()):
-        print(f"  task {t}: {msg}")
-    for name in report.foreign:
-        print(f"  not a file of this bank: {name} (move it out of the bank folder)")
-    for name in report.temporary:
-        print(f"  temporary file of an unfinished write: {name} (safe to delete when no job "
-              "writes to this bank)")
-    if report.reservoir_problem:
-        print(f"  reservoir: {report.reservoir_problem}")
+    recipe = describe_recipe(report.recipe)
+    emit(verify_lines(report, recipe), verify_data(report, recipe), fmt)
     return 0 if report.all_ok else 1
+
+
+def registry_import(root: str, path: str, bank: str | None, fmt: Format = "table") -> int:
+    """A bank file (from `registry export` or a model version) into the registry at `root`:
+    every row verified; masks already stored under the same task id must be identical."""
+    from pipeline.registry import MaskRegistry, import_file
+    from pipeline.summaries import emit, import_data, import_lines
+
+    if not Path(path).is_file() and "://" not in path:
+        raise FileNotFoundError(f"bank file {path} does not exist; write one with `supsup "
+                                "registry export BANK --dest FILE`")
+    registry = MaskRegistry(root)
+    result = import_file(registry, path, bank)
+    emit(import_lines(result, path, registry.root), import_data(result, path, registry.root),
+         fmt)
+    return 0
 
 
 def registry_export(root: str, bank: str, dest: str) -> int:
@@ -499,7 +526,7 @@ def _latest_uri(config: Any) -> str:
 
 def where(config: Any, version: int | None, promoted: bool = False) -> None:
     """Where the command left its outputs, and how to look at them."""
-    print(f"run folder: {config.run_dir}")
+    print(f"run folder: {config.run_dir.resolve()}")
     if log_file() is not None:
         print(f"log: {log_file()}")
     print(f"mask registry: {config.registry.root} (bank {config.bank})")

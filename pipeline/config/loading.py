@@ -89,11 +89,12 @@ def _did_you_mean(key: str) -> str:
 
 
 def _blamed(key: str, source: str, overridden: dict[str, str], unknown: bool) -> str:
-    """The --set that put `key` there, else the config file: the error names what to fix (an
-    unknown section is put there by a --set of any key under it)."""
+    """The config file, and the --set that put `key` there if one did: the error names what to
+    fix (an unknown section is put there by a --set of any key under it)."""
     for path, item in overridden.items():
         if key == path or key.startswith(path + ".") or unknown and path.startswith(key + "."):
-            return f"--set {shown(item)}"
+            return f"--set {shown(item)}" if source.startswith("--set") else (
+                f"{source}: --set {shown(item)}")
     return source
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, import_file
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +129,7 @@ def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> N
     config = load_config(trained / "exp.yaml")
     capsys.readouterr()
     assert main(["lookup", "models:/clitest@champion", "--tracking-uri",
-                 config.tracking_uri]) == 0
+                 config.tracking_uri, "--format", "json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["bank"] == "clitest" and info["version"] == 1
     assert info["tasks"] == list(range(6)) and len(info["snapshot"]) == 64
@@ -143,7 +144,7 @@ def test_lookup_by_alias(trained: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert client.get_run(evaluation["run_id"]).info.run_name == "evaluate"
     assert evaluation["task_inference_accuracy"] >= 0.9 and "task inference" in info["description"]
     assert main(["lookup", "models:/clitest@champion", "--task", "4", "--tracking-uri",
-                 config.tracking_uri]) == 0
+                 config.tracking_uri, "--format", "json"]) == 0
     task = json.loads(capsys.readouterr().out)
     assert task["task_id"] == 4 and 0 < task["metadata"]["density"] < 1
 
@@ -278,3 +279,184 @@ def test_usage_mistakes_are_one_error_line(capsys: pytest.CaptureFixture[str]) -
     assert "--dest" in line and "supsup registry export --help" in line
     assert main(["nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ output formats and scale
+def _json_out(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> Any:
+    capsys.readouterr()
+    assert main(argv) == code
+    return json.loads(capsys.readouterr().out)  # stdout is the document alone
+
+
+def _table_out(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> list[str]:
+    capsys.readouterr()
+    assert main(argv) == code
+    return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def forty(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-task bank, registered as a model version: the 6 trained tasks' masks stored again
+    under ids 0..39 (task t holds task t % 6's masks) in a registry of its own, then `supsup
+    train` of a 40-task config finds every task stored, trains none and registers the bank."""
+    config = load_config(trained / "exp.yaml")
+    root = tmp_path_factory.mktemp("forty")
+    source = MaskRegistry(config.registry.root)
+    bank_file = root / "clitest.parquet"
+    assert main(["registry", "export", "clitest", "--root", config.registry.root,
+                 "--dest", str(bank_file)]) == 0
+    target = MaskRegistry(root / "registry")
+    import_file(target, bank_file, "forty")
+    for t in range(6, 40):
+        record = source.read_task("clitest", t % 6)
+        target.write_task("forty", t, record.packed, record.bn_stats or None, record.metadata)
+    raw = yaml.safe_load((trained / "exp.yaml").read_text())
+    raw.update(name="forty", output_dir=str(root / "runs"),
+               registry={"root": str(root / "registry")})
+    raw["tasks"]["num_tasks"] = 40
+    raw["evaluate"].update(group_size=20, curve_points=2, max_batches=1)
+    (root / "forty.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(root / "forty.yaml")]) == 0
+    return root
+
+
+def test_lookup_and_registry_at_40_tasks_summarise_in_bounded_lines(
+        forty: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(forty / "forty.yaml")
+    uri, root = config.tracking_uri, config.registry.root
+    lines = _table_out(capsys, ["lookup", "models:/forty/1", "--tracking-uri", uri])
+    assert len(lines) <= 12, lines
+    assert "bank: forty, tasks 0..39 (40 tasks)" in lines
+    assert not any("[" in line and "39" in line for line in lines)  # no list of ids
+    info = _json_out(capsys, ["lookup", "models:/forty/1", "--tracking-uri", uri,
+                              "--format", "json"])
+    assert info["tasks"] == list(range(40)) and info["source"]["task_ids"] == list(range(40))
+    task = _table_out(capsys, ["lookup", "models:/forty/1", "--task", "39", "--tracking-uri",
+                               uri])
+    assert task[0] == "task 39 of models:/forty/1 (version 1)" and len(task) <= 30
+    assert _table_out(capsys, ["registry", "ls", "--root", root]) == [
+        "forty: 40 tasks (0..39), network lenet seed 0, rule threshold"]
+    listed = _json_out(capsys, ["registry", "ls", "--root", root, "--format", "json"])
+    assert listed["root"] == root and [b["bank"] for b in listed["banks"]] == ["forty"]
+    assert listed["banks"][0]["tasks"] == list(range(40))
+    verified = _table_out(capsys, ["registry", "verify", "forty", "--root", root])
+    assert "forty: 40 tasks ok, 0 with problems, 0 files that are not the bank's" in verified
+    assert "  ok: tasks 0..39 (40 tasks)" in verified and len(verified) == 3
+
+
+def test_verify_names_the_first_problems_and_json_all_of_them(
+        forty: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    copy = tmp_path / "registry"
+    shutil.copytree(load_config(forty / "forty.yaml").registry.root, copy)
+    damaged = [3, 10, 11, 12, 20, 21, 30, 39]
+    registry = MaskRegistry(copy)
+    for t in damaged:
+        victim = Path(registry.task_path("forty", t))
+        victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    lines = _table_out(capsys, ["registry", "verify", "forty", "--root", str(copy)], code=1)
+    assert "forty: 32 tasks ok, 8 with problems, 0 files that are not the bank's" in lines
+    named = [line for line in lines if line.startswith("  task ")]
+    assert [int(line.split()[1].rstrip(":")) for line in named] == damaged[:5]
+    assert "  ... and tasks 21, 30, 39 (3 tasks) with problems (--format json lists all)" in lines
+    report = _json_out(capsys, ["registry", "verify", "forty", "--root", str(copy), "--format",
+                                "json"], code=1)
+    assert report["all_ok"] is False and sorted(map(int, report["problems"])) == damaged
+    assert report["tasks_ok"] == [t for t in range(40) if t not in damaged]
+
+
+def test_evaluate_at_40_tasks_names_the_lowest_tasks_and_json_has_every_task(
+        forty: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(forty / "forty.yaml")
+    data = _json_out(capsys, ["evaluate", "models:/forty/1", "--tracking-uri",
+                              config.tracking_uri, "--format", "json"])
+    assert [t["task_id"] for t in data["tasks"]] == list(range(40))
+    assert data["summary"]["tasks"] == 40 and data["model_version"] == 1
+    assert Path(data["files"]["markdown"]).is_absolute() and Path(data["files"]["json"]).exists()
+    lines = _table_out(capsys, ["evaluate", "models:/forty/1", "--tracking-uri",
+                                config.tracking_uri])
+    assert len(lines) == 3 and lines[0].endswith("over 40 tasks")
+    # tasks t and t + 6 hold the same masks, so task inference cannot tell them apart
+    assert lines[1].startswith("lowest task inference accuracy: tasks ")
+    assert lines[2].startswith("report: /")
+
+
+def test_registry_import_round_trips_an_export_into_another_root(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    bank_file, root = tmp_path / "clitest.parquet", tmp_path / "elsewhere"
+    assert main(["registry", "export", "clitest", "--root", config.registry.root,
+                 "--dest", str(bank_file)]) == 0
+    lines = _table_out(capsys, ["registry", "import", str(bank_file), "--root", str(root)])
+    assert lines[0] == (f"imported {bank_file} into bank clitest under {root}: 6 tasks "
+                        "written, 0 already stored with identical masks")
+    assert _table_out(capsys, ["registry", "verify", "clitest", "--root", str(root)])[1] == (
+        "clitest: 6 tasks ok, 0 with problems, 0 files that are not the bank's")
+    assert _bits(MaskRegistry(root), "clitest") == _bits(MaskRegistry(config.registry.root),
+                                                         "clitest")
+    again = _json_out(capsys, ["registry", "import", str(bank_file), "--root", str(root),
+                               "--format", "json"])
+    assert again["written"] == [] and again["unchanged"] == list(range(6))
+    renamed = _json_out(capsys, ["registry", "import", str(bank_file), "--root", str(root),
+                                 "--bank", "copy", "--format", "json"])
+    assert renamed["bank"] == "copy" and renamed["written"] == list(range(6))
+    capsys.readouterr()
+    assert main(["registry", "import", str(tmp_path / "missing.parquet"), "--root",
+                 str(root)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "missing.parquet does not exist" in err and "supsup registry export" in err
+
+
+def test_run_logs_its_log_file_and_reports_to_the_parent_run(trained: Path) -> None:
+    config = load_config(trained / "exp.yaml")
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if r.data.tags.get("job") == "run"]
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "supsup.log" in names
+    names |= {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/report.json"} <= names
+    local = client.download_artifacts(parent.info.run_id, "supsup.log", str(trained / "dl"))
+    assert "created bank 'clitest'" in Path(local).read_text()
+
+
+def test_short_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["-V"]) == 0
+    assert capsys.readouterr().out.strip() == f"supsup {version('supsup-pipeline')}"
+
+
+def test_shell_completion_prints_a_script_and_completes_commands() -> None:
+    import os
+    import subprocess
+    import sys
+
+    supsup = Path(sys.executable).parent / "supsup"
+    script = subprocess.run([str(supsup)], env={**os.environ, "_SUPSUP_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0
+    assert "complete -o nosort -F _supsup_completion supsup" in script.stdout
+    assert "Usage:" not in script.stdout
+    words = subprocess.run([str(supsup)], env={
+        **os.environ, "_SUPSUP_COMPLETE": "bash_complete", "COMP_WORDS": "supsup registry i",
+        "COMP_CWORD": "2"}, capture_output=True, text=True, timeout=120)
+    assert words.returncode == 0 and "plain,import" in words.stdout.splitlines()
+
+
+def test_set_typo_suggests_the_key_and_blames_the_override(
+        project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(project / "exp.yaml"), "--set", "train.lrr=0.1"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err == (f"error: {project / 'exp.yaml'}: --set 'train.lrr=0.1': unknown key "
+                   "'train.lrr'; did you mean 'train.lr'?")
+    assert main(["train", str(project / "exp.yaml"), "--set", "trian.steps=5"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "--set 'trian.steps=5': unknown key 'trian'; did you mean 'train'?" in err
+    bad = project / "typo.yaml"
+    bad.write_text("train:\n  stpes: 5\n")
+    assert main(["train", str(bad)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{bad}: unknown key 'train.stpes'; did you mean 'train.steps'?" in err
