@@ -167,7 +167,9 @@ class ExperimentConfig(Section):
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     cluster: ClusterSection = ClusterSection()
-    registry: RegistrySection = RegistrySection()
+    # made per config: its relative root is resolved against the working directory of the load,
+    # not of the import
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     tracking: TrackingSection = TrackingSection()
     sweep: SweepSection | None = None
     # What `supsup train` runs: masks per task with ids given ("gg_gn"), training without task
