@@ -164,6 +164,17 @@ class ClusterSection(Section):
     cpus_per_worker: Float = Field(1, gt=0)  # Ray resources per worker (fractions allowed)
     gpus_per_worker: Float = Field(0, ge=0)
     threads_per_worker: Int | None = Field(None, ge=1)
+    # Ray Train's storage for train.data_parallel_workers > 1 (a folder every node sees, or a
+    # URI such as s3://bucket/ray-train); default: registry.root/.ray_train
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("cluster.storage is empty: remove it (Ray Train then writes under "
+                             "registry.root) or give a folder every node sees, or a URI")
+        return v if v is None else resolve_root(v)
 
     @field_validator("num_gpus")
     @classmethod

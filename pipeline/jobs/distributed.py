@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -259,6 +258,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- driver side
+def train_storage(config: ExperimentConfig) -> str:
+    """Where Ray Train keeps its runs: `cluster.storage`, else `.ray_train` under the mask
+    registry's root (shared by every node whenever training can run; never a bank's name). Not
+    the run folder, which is the driver's disk alone."""
+    return config.cluster.storage or f"{config.registry.root}/.ray_train"
+
+
 def train_task_distributed(config: ExperimentConfig, task_id: int, *,
                            address: str | None = None) -> dict[str, Any]:
     """Train task `task_id` with `train.data_parallel_workers` Ray Train workers.
@@ -266,7 +272,8 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
     Returns rank 0's metrics: task_id, status ("written" or "unchanged"), train_accuracy,
     train_loss, density, seconds, steps, workers, effective_batch_size, bn_rank_spread and
     score_checksums (one per rank, all equal). Ray Train's record of the run (the metrics
-    checkpoint) goes under `{run_dir}/ray_train`.
+    checkpoint) goes to shared storage, `train_storage(config)`: on a multi-node cluster Ray
+    Train needs a folder every node sees (or a URI) to checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -277,18 +284,19 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
     task_id = int(task_id)
     options = scaling_options(config)
     backend = collective_backend(config.train, config.cluster.gpus_per_worker)
-    storage = (config.run_dir / "ray_train").expanduser().resolve()  # Ray Train wants it absolute
+    storage = train_storage(config)
     name = f"{config.bank}-task-{task_id:07d}-{uuid.uuid4().hex[:8]}"
     with ray_session(config.cluster, address) as resources:
         check_fits(config, resources)
-        storage.mkdir(parents=True, exist_ok=True)
+        if "://" not in storage:
+            Path(storage).mkdir(parents=True, exist_ok=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": worker_config(config), "task_id": task_id},
             torch_config=TorchConfig(backend=backend),
             scaling_config=ray.train.ScalingConfig(**options),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=os.fspath(storage),
+                name=name, storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=config.train.max_retries)),
         )
         log.info("training task %d with %d data-parallel workers (%s)", task_id,
@@ -302,5 +310,5 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
                 "kept; rerun the same command to resume.") from err
     if result.metrics is None:
         raise RuntimeError(f"data-parallel training of task {task_id} reported no metrics; see "
-                           f"Ray Train's run folder {storage / name}")
+                           f"Ray Train's run folder {storage}/{name}")
     return dict(result.metrics)

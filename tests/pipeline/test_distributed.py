@@ -171,8 +171,11 @@ def test_run_training_stores_every_task(trained: tuple) -> None:
         assert meta["workers"] == 2 and meta["effective_batch_size"] == 64
         assert meta["steps"] == 30
         assert meta["train_accuracy"] == pytest.approx(reports[t]["train_accuracy"])
-    # Ray Train kept its record of each run under the run folder.
-    assert len(list((config.run_dir / "ray_train").iterdir())) == NUM_TASKS
+    # Ray Train kept its record of each run on shared storage (under the registry's root,
+    # where every node writes), not on the driver's disk.
+    assert len(list((Path(config.registry.root) / ".ray_train").iterdir())) == NUM_TASKS
+    assert not (config.run_dir / "ray_train").exists()
+    assert MaskRegistry(config.registry.root).banks() == [config.bank]
     # A rerun finds every task stored and starts no worker group.
     again = run_training(config)
     assert again.trained == {} and again.skipped == list(range(NUM_TASKS))

@@ -138,3 +138,17 @@ def test_outside_a_job_relative_outputs_are_fine(tmp_path: Path,
     monkeypatch.setenv("RAY_JOB_ID", "01000000")
     named = job_output_problems(config, config.registry.root)
     assert [p.split(" ")[0] for p in named] == ["registry.root", "the", "output_dir"]
+
+
+def test_ray_train_keeps_its_runs_on_shared_storage(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.jobs.distributed import train_storage
+
+    raw = {"name": "dp", "output_dir": str(tmp_path / "runs"),
+           "registry": {"root": str(tmp_path / "registry")}}
+    # the registry's root: every node sees it whenever training runs at all (checked there)
+    assert train_storage(parse_config(raw)) == f"{tmp_path / 'registry'}/.ray_train"
+    assert train_storage(parse_config(raw, overrides=["cluster.storage=s3://b/ray"])) == (
+        "s3://b/ray")
+    with pytest.raises(ConfigError, match="cluster.storage is empty"):
+        parse_config(raw, overrides=["cluster.storage=' '"])
