@@ -152,3 +152,30 @@ def test_ray_train_keeps_its_runs_on_shared_storage(tmp_path: Path) -> None:
         "s3://b/ray")
     with pytest.raises(ConfigError, match="cluster.storage is empty"):
         parse_config(raw, overrides=["cluster.storage=' '"])
+
+
+@pytest.mark.slow
+def test_sweep_sends_rays_native_warnings_to_the_log_file(tmp_path: Path) -> None:
+    """Ray's core writes start-up warnings (such as "Failed to determine local IP" on a host
+    without a route out) straight to file descriptor 2: `supsup sweep` keeps them in supsup.log
+    like the other commands, and the terminal shows only the command's own lines."""
+    import os
+    import re
+    import sys
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "swquiet", "output_dir": str(tmp_path / "runs"),
+        "registry": {"root": str(tmp_path / "registry")},
+        "network": {"name": "lenet", "num_outputs": 100},
+        "tasks": {"family": "permuted", "num_tasks": 2},
+        "train": {"steps": 5, "log_every": 5, "group_size": 1},
+        "sweep": {"space": {"train.density": {"grid": [0.5]}}, "sample_tasks": 1,
+                  "scheduler": "none"}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([str(Path(sys.executable).parent / "supsup"), "sweep", str(path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    native = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]", re.M)
+    assert not native.search(done.stderr), done.stderr[-4000:]
+    assert (tmp_path / "runs" / "swquiet" / "supsup.log").stat().st_size > 0

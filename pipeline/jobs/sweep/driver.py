@@ -83,8 +83,9 @@ def run_sweep(config: ExperimentConfig, *, address: str | None = None) -> SweepS
 
     Everything about the space is validated before Ray, MLflow or any folder is touched.
     """
-    from pipeline.cluster import ray_session, worker_slots
+    from pipeline.cluster import check_address, ray_session, worker_slots
     from pipeline.config import dump_config
+    from pipeline.console import attach_log_file
     from pipeline.report import plot_sweep
     from pipeline.tracking import Tracker
     from pipeline.tracking.runs import run_name
@@ -97,6 +98,9 @@ def run_sweep(config: ExperimentConfig, *, address: str | None = None) -> SweepS
     out_dir = config.run_dir / "sweep"
     storage = (out_dir / "tune").resolve()
     start = time.perf_counter()
+    check_address(config.cluster, address)  # before the run folder is made
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    attach_log_file(config.run_dir)  # Ray's native start-up warnings go to supsup.log
     with ray_session(config.cluster, address) as resources:
         worker_slots(config.cluster, resources)  # a GPU request the cluster cannot meet fails here
         config.run_dir.mkdir(parents=True, exist_ok=True)
