@@ -198,10 +198,37 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
             record_evaluation(tracker, *model, run_id, report.summary)
         report.run_id, report.model_version = run_id, (model[1] if model else None)
         out_dir = config.run_dir / "evaluation"
+        keep_earlier_reports(out_dir)
         files = write_report(report, out_dir, f"{config.name}: evaluation")
         for path in files.values():
             tracker.log_artifact(path, "evaluation")
     return report, files
+
+
+def keep_earlier_reports(out_dir: Path) -> Path | None:
+    """Move the reports of an earlier evaluation in `out_dir` to `out_dir/earlier/TIME-RUN`, so
+    that the next evaluation never overwrites them; returns where they went (None: none)."""
+    previous = out_dir / "report.json"
+    if not previous.is_file():
+        return None
+    try:
+        old = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        old = {}
+    created = "".join(c for c in str(old.get("created") or "")[:19] if c.isalnum())
+    name = "-".join(p for p in (created, str(old.get("run_id") or "")[:8]) if p) or "unknown"
+    dest = out_dir / "earlier" / name
+    for n in range(1, 1000):
+        if not dest.exists():
+            break
+        dest = out_dir / "earlier" / f"{name}-{n}"
+    dest.mkdir(parents=True)
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.rename(dest / path.name)
+    log.info("the reports of the earlier evaluation (run %s) are kept in %s",
+             old.get("run_id"), dest)
+    return dest
 
 
 def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table") -> None:

@@ -422,6 +422,21 @@ def test_run_logs_its_log_file_and_reports_to_the_parent_run(trained: Path) -> N
     assert "created bank 'clitest'" in Path(local).read_text()
 
 
+def test_an_evaluation_keeps_the_reports_of_the_one_before(
+        trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(trained / "exp.yaml")
+    out = config.run_dir / "evaluation"
+    before = json.loads((out / "report.json").read_text())["run_id"]
+    assert main(["evaluate", str(trained / "exp.yaml"), "--set", "evaluate.curve_points=0"]) == 0
+    now = json.loads((out / "report.json").read_text())["run_id"]
+    assert now != before
+    kept = {json.loads(p.read_text())["run_id"]: p.parent
+            for p in out.glob("earlier/*/report.json")}
+    assert before in kept and now not in kept
+    assert (kept[before] / "report.md").stat().st_size > 0
+    assert kept[before].name.endswith(before[:8])
+
+
 def test_short_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
