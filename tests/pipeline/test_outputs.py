@@ -179,3 +179,20 @@ def test_sweep_sends_rays_native_warnings_to_the_log_file(tmp_path: Path) -> Non
     native = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\]", re.M)
     assert not native.search(done.stderr), done.stderr[-4000:]
     assert (tmp_path / "runs" / "swquiet" / "supsup.log").stat().st_size > 0
+
+
+def test_a_failure_keeps_its_traceback_in_the_log_file_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.console import Console, attach_log_file, to_log_file_only
+
+    with Console():
+        path = attach_log_file(tmp_path / "relative-or-not")
+        try:
+            raise ValueError("the cause, in full")
+        except ValueError:
+            to_log_file_only("the command failed")
+    assert path is not None and path.is_absolute()
+    text = path.read_text()
+    assert "the command failed" in text and "Traceback" in text
+    assert "ValueError: the cause, in full" in text
+    assert "Traceback" not in capsys.readouterr().err
