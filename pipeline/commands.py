@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -231,12 +232,13 @@ def keep_earlier_reports(out_dir: Path) -> Path | None:
     return dest
 
 
-def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table") -> None:
-    """The summary and the lowest tasks (table), or every task's results (json)."""
+def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table",
+                     extra: dict[str, Any] | None = None) -> None:
+    """The summary and the lowest tasks (table), or every task's results and `extra` (json)."""
     from pipeline.summaries import emit, evaluation_data, evaluation_lines
 
     emit(evaluation_lines(report, files) if fmt == "table" else None,
-         evaluation_data(report, files) if fmt == "json" else None, fmt)
+         {**evaluation_data(report, files), **(extra or {})} if fmt == "json" else None, fmt)
 
 
 def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
@@ -442,12 +444,19 @@ def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
             report, files = do_evaluate(config, source, address, open_tracker(config, address),
                                         tags,
                                         model=(info["name"], int(info["version"])))
-        print_evaluation(report, files, fmt)
+        if rule is None or fmt == "table":
+            print_evaluation(report, files, fmt)
         if rule is None:
             return 0
         pinned = f"models:/{info['name']}/{info['version']}"
-        promoted = promote_if_met(promote_if, pinned, uri, alias or config.tracking.alias,
-                                  report)
+        moved = alias or config.tracking.alias
+        # With --format json the verdict's line goes to stderr: stdout stays one JSON document.
+        with (contextlib.redirect_stdout(sys.stderr) if fmt == "json"
+              else contextlib.nullcontext()):
+            promoted = promote_if_met(promote_if, pinned, uri, moved, report)
+        if fmt == "json":
+            print_evaluation(report, files, fmt, {"promotion": {
+                "rule": promote_if, "alias": moved, "promoted": promoted is not None}})
         return 0 if promoted is not None else 1
     from pipeline.registry import MaskRegistry
 

@@ -369,8 +369,14 @@ def test_verify_names_the_first_problems_and_json_all_of_them(
 def test_evaluate_at_40_tasks_names_the_lowest_tasks_and_json_has_every_task(
         forty: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config(forty / "forty.yaml")
-    data = _json_out(capsys, ["evaluate", "models:/forty/1", "--tracking-uri",
-                              config.tracking_uri, "--format", "json"])
+    capsys.readouterr()
+    assert main(["evaluate", "models:/forty/1", "--tracking-uri", config.tracking_uri,
+                 "--format", "json", "--promote-if", "accuracy_gg>=0"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)  # the promotion's line went to stderr, the document is whole
+    assert data["promotion"] == {"rule": "accuracy_gg>=0", "alias": "champion",
+                                 "promoted": True}
+    assert "promoted: accuracy_gg" in err
     assert [t["task_id"] for t in data["tasks"]] == list(range(40))
     assert data["summary"]["tasks"] == 40 and data["model_version"] == 1
     assert Path(data["files"]["markdown"]).is_absolute() and Path(data["files"]["json"]).exists()
