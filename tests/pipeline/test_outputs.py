@@ -1,6 +1,7 @@
 """Where a command's outputs land: `ray job submit` against a real `ray start --head` keeps every
 output where the command says, and a relative output inside Ray's copy of a job's working
-directory is refused before anything is written."""
+directory is refused before anything is written; Ray Train's runs go to shared storage; Ray's
+native warnings and a failure's traceback go to supsup.log, not the terminal."""
 
 from __future__ import annotations
 
