@@ -259,6 +259,24 @@ class ExperimentConfig(Section):
             precision=t.precision, fused=t.fused,
         )
 
+    def train_recipe(self) -> dict[str, Any]:
+        """How this config trains a mask, as the bank's manifest records it: every train setting
+        that changes the trained bits, and none that does not (log points, retries, group sizes
+        and workers in flight; a task's mask never depends on its group, see supsup.train).
+
+        `steps` is left out when `epochs` decides the step count, `momentum` unless the optimiser
+        is SGD (RMSprop and Adam do not read it), and data-parallel workers enter because they
+        multiply the effective batch (pipeline.jobs.distributed)."""
+        t = self.train
+        recipe: dict[str, Any] = {"steps": t.steps} if t.epochs is None else {"epochs": t.epochs}
+        recipe.update(optimizer=t.optimizer, lr=t.lr, schedule=t.schedule,
+                      warmup_steps=t.warmup_steps, batch_size=t.batch_size)
+        if t.optimizer == "sgd":
+            recipe["momentum"] = t.momentum
+        recipe.update(weight_decay=t.weight_decay, precision=t.precision, fused=t.fused,
+                      data_parallel_workers=t.data_parallel_workers)
+        return recipe
+
     def mask_info(self) -> dict[str, Any]:
         """What decides the masks besides the network: the mask rule, the task family and the
         data set. Stored in the bank's manifest and compared with the config by every job, so a

@@ -246,11 +246,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         masks, stats = scores.export()[task_id]
         packed = {k: pack_bits(m).numpy() for k, m in masks.items()}
         bn = {k: s.numpy() for k, s in stats.items()} or None
-        from pipeline.jobs.train import train_recipe
 
         registry = MaskRegistry(config.registry.root)
         registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
-                             config.mask_info(), train_recipe(config))
+                             config.mask_info(), config.train_recipe())
         meta = {k: metrics[k] for k in ("train_accuracy", "train_loss", "density", "seconds",
                                         "steps", "workers", "effective_batch_size")}
         metrics["status"] = registry.write_task(config.bank, task_id, packed, bn, metadata=meta)

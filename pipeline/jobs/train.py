@@ -148,25 +148,6 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def train_recipe(config: ExperimentConfig) -> dict[str, Any]:
-    """How this config trains a mask, as the bank's manifest records it: every train setting
-    that changes the trained bits, and none that does not (log points, retries, group sizes
-    and workers in flight; a task's mask never depends on its group, see supsup.train).
-
-    `steps` is left out when `epochs` decides the step count, `momentum` unless the optimiser
-    is SGD (RMSprop and Adam do not read it), and data-parallel workers enter because they
-    multiply the effective batch (pipeline.jobs.distributed)."""
-    t = config.train
-    recipe: dict[str, Any] = {"steps": t.steps} if t.epochs is None else {"epochs": t.epochs}
-    recipe.update(optimizer=t.optimizer, lr=t.lr, schedule=t.schedule,
-                  warmup_steps=t.warmup_steps, batch_size=t.batch_size)
-    if t.optimizer == "sgd":
-        recipe["momentum"] = t.momentum
-    recipe.update(weight_decay=t.weight_decay, precision=t.precision, fused=t.fused,
-                  data_parallel_workers=t.data_parallel_workers)
-    return recipe
-
-
 def check_before_training(config: ExperimentConfig) -> None:
     """Read-only, before the command writes anything: BankMismatchError when the config's
     training recipe is not the one the existing bank's masks were trained with (or the bank
@@ -180,7 +161,7 @@ def check_before_training(config: ExperimentConfig) -> None:
         stored = registry.manifest(config.bank)
     except KeyError:  # a new bank: prepare_bank creates it
         return
-    check_recipe(stored, train_recipe(config), registry.where(config.bank))
+    check_recipe(stored, config.train_recipe(), registry.where(config.bank))
     registry.source(config.bank)
 
 
@@ -191,14 +172,14 @@ def prepare_bank(config: ExperimentConfig) -> tuple[MaskRegistry, list[int]]:
     BankMismatchError naming both values when the config differs from the bank (seed, network,
     task family, data set, mask rule), and when stored task files were written under another
     manifest: they are never adopted, and never retrained over; the training recipe is part
-    of the manifest (`train_recipe`).
+    of the manifest (`ExperimentConfig.train_recipe`).
     """
     tasks = build_tasks(config)
     spec = build_spec(config, tasks)
     net = build_net(spec)
     registry = MaskRegistry(config.registry.root)
     registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
-                         config.mask_info(), train_recipe(config))
+                         config.mask_info(), config.train_recipe())
     return registry, list(registry.source(config.bank).task_ids)
 
 
