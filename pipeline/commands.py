@@ -166,10 +166,12 @@ def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
     from pipeline.report import write_report
 
     # Inside `supsup run` the child is "evaluate"; on its own the run says what it evaluated.
-    name = "evaluate" if tracker.open_runs else _run_name(config, "evaluate")
+    nested = bool(tracker.open_runs)
+    name = "evaluate" if nested else _run_name(config, "evaluate")
     with tracker.run(name, tags={"job": "evaluate", "bank": source.bank,
                                        "snapshot": source.snapshot_sha256,
-                                       **(tags or {})}) as run_id:
+                                       **(tags or {})}) as run_id, \
+            (contextlib.nullcontext() if nested else log_file_logged(tracker, run_id)):
         tracker.log_params({f"evaluate.{k}": str(v)
                             for k, v in config.evaluate.model_dump().items()})
         dataset, digest, data_source, profile = data_identity(config)

@@ -441,6 +441,9 @@ def test_an_evaluation_keeps_the_reports_of_the_one_before(
     assert before in kept and now not in kept
     assert (kept[before] / "report.md").stat().st_size > 0
     assert kept[before].name.endswith(before[:8])
+    # an evaluation on its own is a run without a parent: it holds the command's log itself
+    artifacts = {a.path for a in MlflowClient(config.tracking_uri).list_artifacts(now)}
+    assert "supsup.log" in artifacts
 
 
 def test_short_version_flag(capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,8 +151,8 @@ def cmd_sweep(config_path: str, overrides: tuple[str, ...] | list[str] = (),
     print(f"best {summary.metric} {_fmt(summary.best[summary.metric])} with "
           f"{_describe(summary.best, summary.keys)} ({len(summary.rows)} trials, "
           f"{summary.seconds:.0f} s)")
-    print(f"best config: {summary.best_config} (train it with `supsup train "
-          f"{summary.best_config}`)")
-    print(f"results: {summary.files['csv']}; MLflow: {config.tracking_uri} "
+    best = summary.best_config.resolve()  # absolute: valid from any folder, or a job's
+    print(f"best config: {best} (train it with `supsup train {best}`)")
+    print(f"results: {summary.files['csv'].resolve()}; MLflow: {config.tracking_uri} "
           f"(experiment {config.experiment_name}, run {summary.run_id})")
     return 0
