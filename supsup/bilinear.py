@@ -75,25 +75,25 @@ def fixed_point_digits(values: torch.Tensor, digits: int) -> tuple[torch.Tensor,
 
 @functools.cache
 def _signed_bit_table(device: torch.device) -> torch.Tensor:
-    """(65536,) int64: index mask_byte * 256 + negative_byte -> the 8 weights' A values as int8
+    """(65536,) int64: index negative_byte * 256 + mask_byte -> the 8 weights' A values as int8
     (0 where the mask bit is clear, -1 where it is set and the weight negative, else 1)."""
     sel = torch.tensor(_SELECT, dtype=torch.int64)
     v = torch.arange(65536)
-    kept = ((v[:, None] >> 8) & sel) != 0
-    negative = ((v[:, None] & 255) & sel) != 0
+    kept = ((v[:, None] & 255) & sel) != 0
+    negative = ((v[:, None] >> 8) & sel) != 0
     a = kept.to(torch.int8) * (1 - 2 * negative.to(torch.int8))
     return a.contiguous().view(torch.int64).reshape(65536).to(device)
 
 
 def sign_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """(nbytes,) int64 of a weight tensor's signs packed like its masks (1 = negative), times 1
-    (ready to add to mask_byte * 256)."""
+    """(nbytes,) int64 of a weight tensor's signs packed like its masks (1 = negative), times 256:
+    the table index of each byte position, to which the mask byte is added."""
     neg = (weight.reshape(-1) < 0).to(torch.uint8)
     pad = (-neg.numel()) % 8
     if pad:
         neg = torch.cat([neg, neg.new_zeros(pad)])
     place = torch.tensor(_SELECT, dtype=torch.uint8, device=weight.device)
-    return (neg.view(-1, 8) * place).sum(1).to(torch.int64)
+    return (neg.view(-1, 8) * place).sum(1).to(torch.int64) * 256
 
 
 def is_signed_constant(weight: torch.Tensor) -> bool:
@@ -171,7 +171,7 @@ def linear_alpha_gradients(
         h = r1 - r0
         src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
         idx = index[:h]
-        idx.copy_(src).mul_(256).add_(signs)
+        torch.add(signs, src, out=idx)  # one pass: the uint8 bytes promote into int64
         torch.take(table, idx, out=masks[:h])
         a = masks[:h].view(torch.int8).view(h, nbytes * 8)[:, :n]
         a = a.reshape(h, out_f, in_f)  # a copy only when the layer's bits end mid-byte
@@ -209,7 +209,7 @@ def _linear_float(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch
         r1 = min(k, r0 + height)
         h = r1 - r0
         src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
-        idx = src.to(torch.int64).mul_(256).add_(signs)
+        idx = signs + src
         a = torch.take(table, idx).view(torch.int8).view(h, nbytes * 8)[:, :n]
         y = a.to(torch.float32).reshape(h * out_f, in_f) @ x.T  # (h * out, B)
         result[r0:r1] = (y.view(h, out_f, batch) * g.T).sum(1) * scale
