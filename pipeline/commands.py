@@ -13,12 +13,20 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.console import Progress, attach_log_file, log_file
 from pipeline.summaries import Format
+
+if TYPE_CHECKING:  # annotations only: each command imports the heavy modules it runs
+    from pipeline.bank_source import BankSource
+    from pipeline.config import ExperimentConfig
+    from pipeline.jobs.evaluate import EvalReport
+    from pipeline.jobs.train import TrainSummary
+    from pipeline.tracking.promotion import Promotion
+    from pipeline.tracking.runs import Tracker
 
 log = logging.getLogger("supsup")
 
@@ -28,13 +36,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
-def load(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+def load(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     from pipeline.config import load_config
 
     return load_config(config_path, list(overrides))
 
 
-def open_tracker(config: Any, address: str | None = None) -> Any:
+def open_tracker(config: ExperimentConfig, address: str | None = None) -> Tracker:
     """The experiment's Tracker, made only once the whole config and its targets (the Ray
     cluster to join included) check out (nothing is written before); runs that a killed earlier
     command left RUNNING are closed. From here on the command's log goes to the run folder's
@@ -55,7 +63,7 @@ def open_tracker(config: Any, address: str | None = None) -> Any:
 
 
 @contextlib.contextmanager
-def log_file_logged(tracker: Any, run_id: str) -> Iterator[None]:
+def log_file_logged(tracker: Tracker, run_id: str) -> Iterator[None]:
     """On the way out, success or failure, the command's supsup.log becomes an artifact of
     `run_id`: its lines (MLflow's and Ray's included) are kept with the run, wherever the
     command ran (a `ray job submit` entrypoint's folder may be gone later)."""
@@ -70,7 +78,7 @@ def log_file_logged(tracker: Any, run_id: str) -> Iterator[None]:
                 log.warning("could not log %s to run %s", path, run_id, exc_info=True)
 
 
-def do_train(config: Any, address: str | None, tracker: Any) -> Any:
+def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) -> TrainSummary:
     """Train into the registry and log it to MLflow ("train" run), then publish and register
     the bank ("register" run). Returns the TrainSummary, with `publication` (the bank's
     BankSource and model version)."""
@@ -136,7 +144,8 @@ def do_train(config: Any, address: str | None, tracker: Any) -> Any:
 CURVE_GROUPS = 8  # groups whose training curves are logged: evenly spaced over the task list
 
 
-def _curve_logger(config: Any, tracker: Any) -> Any:
+def _curve_logger(config: ExperimentConfig, tracker: Tracker
+                  ) -> Callable[[list[int], list[dict[str, float]]], None]:
     """on_curve for run_training: a sample of groups' training curves as MLflow metrics
     `train_curve/loss_tasks_A-B` and `train_curve/accuracy_tasks_A-B`, with step = training
     step, one point per train.log_every steps (the UI charts them in one section)."""
@@ -156,9 +165,9 @@ def _curve_logger(config: Any, tracker: Any) -> Any:
     return on_curve
 
 
-def do_evaluate(config: Any, source: Any, address: str | None, tracker: Any,
-                tags: dict[str, str] | None = None,
-                model: tuple[str, int] | None = None) -> Any:
+def do_evaluate(config: ExperimentConfig, source: BankSource, address: str | None,
+                tracker: Tracker, tags: dict[str, str] | None = None,
+                model: tuple[str, int] | None = None) -> tuple[EvalReport, dict[str, Path]]:
     """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
     onto `model` (name, version) when the source is a registered version."""
     from pipeline.experiment import data_identity
@@ -234,7 +243,7 @@ def keep_earlier_reports(out_dir: Path) -> Path | None:
     return dest
 
 
-def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table",
+def print_evaluation(report: EvalReport, files: dict[str, Path], fmt: Format = "table",
                      extra: dict[str, Any] | None = None) -> None:
     """The summary and the lowest tasks (table), or every task's results and `extra` (json)."""
     from pipeline.summaries import emit, evaluation_data, evaluation_lines
@@ -243,7 +252,7 @@ def print_evaluation(report: Any, files: dict[str, Path], fmt: Format = "table",
          {**evaluation_data(report, files), **(extra or {})} if fmt == "json" else None, fmt)
 
 
-def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
+def do_baseline(config: ExperimentConfig, tracker: Tracker) -> dict[str, Any]:
     """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
     from pipeline.experiment import tracked_run
     from pipeline.jobs.baseline import run_baseline
@@ -267,7 +276,7 @@ def do_baseline(config: Any, tracker: Any) -> dict[str, Any]:
     return report
 
 
-def do_scenario(config: Any, address: str | None, tracker: Any) -> dict[str, Any]:
+def do_scenario(config: ExperimentConfig, address: str | None, tracker: Tracker) -> dict[str, Any]:
     """Training without task identity ("nns") or the Hopfield reservoir ("hopfield")."""
     if config.scenario == "nns":
         from pipeline.jobs.discovery import run_discovery as job
@@ -285,7 +294,7 @@ def do_scenario(config: Any, address: str | None, tracker: Any) -> dict[str, Any
     return summary
 
 
-def _special(config: Any, address: str | None, tracker: Any) -> bool:
+def _special(config: ExperimentConfig, address: str | None, tracker: Tracker) -> bool:
     """Run a baseline or a scenario job when the config asks for one; True if it did."""
     if config.model != "supsup":
         do_baseline(config, tracker)
@@ -351,7 +360,7 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
     return 0
 
 
-def _run_name(config: Any, job: str) -> str:
+def _run_name(config: ExperimentConfig, job: str) -> str:
     from pipeline.tracking.runs import run_name
 
     t = config.train
@@ -360,7 +369,7 @@ def _run_name(config: Any, job: str) -> str:
 
 
 def promote_if_met(rule_text: str, model_uri: str, tracking_uri: str, alias: str,
-                   report: Any) -> Any:
+                   report: EvalReport) -> Promotion | None:
     """Promote `model_uri` to `alias` when the evaluation `report` meets the rule; says on the
     terminal which way it went. Returns the Promotion, or None when the rule is not met."""
     from pipeline.promotion_rule import parse_rule
@@ -393,7 +402,8 @@ def promote(model_uri: str, alias: str | None, tracking_uri: str | None,
     return 0
 
 
-def _run_description(config: Any, summary: Any, report: Any) -> str:
+def _run_description(config: ExperimentConfig, summary: TrainSummary,
+                     report: EvalReport) -> str:
     """The parent run's description in the MLflow UI: what was run and what it measured."""
     s = report.summary
     measured = f"GG {100 * s['accuracy_gg']:.2f}%"
@@ -555,14 +565,14 @@ def registry_export(root: str, bank: str, dest: str) -> int:
     return 0
 
 
-def _latest_uri(config: Any) -> str:
+def _latest_uri(config: ExperimentConfig) -> str:
     """The URI of the newest version: MLflow's own models:/NAME/latest, or the latest alias."""
     latest = config.tracking.latest_alias
     return (f"models:/{config.model_name}/latest" if latest.lower() == "latest"
             else f"models:/{config.model_name}@{latest}")
 
 
-def where(config: Any, version: int | None, promoted: bool = False) -> None:
+def where(config: ExperimentConfig, version: int | None, promoted: bool = False) -> None:
     """Where the command left its outputs, and how to look at them."""
     print(f"run folder: {config.run_dir.resolve()}")
     if log_file() is not None:
