@@ -36,10 +36,10 @@ import torch
 import yaml
 from common import emit_json, machine, print_table
 
-from pipeline import datasets, experiment
+from pipeline import builders, datasets
+from pipeline.builders import task_groups
 from pipeline.cluster import ray_session
 from pipeline.config import ExperimentConfig, parse_config
-from pipeline.experiment import task_groups
 from pipeline.jobs.train import prepare_bank, run_training, train_group_worker
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
@@ -114,7 +114,7 @@ def scale_config(args: argparse.Namespace, scale: str, root: Path, label: str,
 
 def _fresh_process_caches() -> None:
     """Forget the base data this process loaded, as a new worker process would not have it."""
-    experiment._base_data.cache_clear()
+    builders._base_data.cache_clear()
     datasets._bundled_mnist.cache_clear()
 
 

@@ -201,7 +201,7 @@ def remote_options(cluster: ClusterSection, max_retries: int) -> dict[str, Any]:
     `max_calls=0` keeps worker processes alive across groups. Ray's default for GPU tasks is
     one call per process, which would re-import torch, create a CUDA context and reload the
     data, the network and (evaluating) the whole bank for every group; a long-lived worker
-    keeps them in its per-process caches (`pipeline.experiment.worker_tasks`, `worker_net`,
+    keeps them in its per-process caches (`pipeline.builders.worker_tasks`, `worker_net`,
     `pipeline.registry.load_bank(cache=True)`) and pays compilation once.
     """
     return {

@@ -82,7 +82,7 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
     """Train into the registry and log it to MLflow ("train" run), then publish and register
     the bank ("register" run). Returns the TrainSummary, with `publication` (the bank's
     BankSource and model version)."""
-    from pipeline.experiment import tracked_run
+    from pipeline.builders import tracked_run
     from pipeline.jobs.train import run_training
     from pipeline.publish import publish_bank
     from pipeline.report import plot_training
@@ -170,7 +170,7 @@ def do_evaluate(config: ExperimentConfig, source: BankSource, address: str | Non
                 model: tuple[str, int] | None = None) -> tuple[EvalReport, dict[str, Path]]:
     """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
     onto `model` (name, version) when the source is a registered version."""
-    from pipeline.experiment import data_identity
+    from pipeline.builders import data_identity
     from pipeline.jobs.evaluate import run_evaluation
     from pipeline.report import write_report
 
@@ -254,7 +254,7 @@ def print_evaluation(report: EvalReport, files: dict[str, Path], fmt: Format = "
 
 def do_baseline(config: ExperimentConfig, tracker: Tracker) -> dict[str, Any]:
     """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
-    from pipeline.experiment import tracked_run
+    from pipeline.builders import tracked_run
     from pipeline.jobs.baseline import run_baseline
 
     tags = {"job": "baseline", "model": config.model}

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.builders import build_spec, build_tasks
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_spec, build_tasks
 from pipeline.jobs.devices import worker_device
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.builders import build_net, build_spec, build_tasks, tracked_run
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_net, build_spec, build_tasks, tracked_run
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.progress import BoardReader, poster, start_board
 from pipeline.registry import MaskRegistry, load_bank

@@ -5,7 +5,7 @@ in the GG scenario (ResNet-50 at 224x224, 100 epochs over ~13,000 images, the pa
 not: one worker would need days for it. Here one task's scores are trained by N Ray Train workers
 (`TorchTrainer`), one task after another:
 
-- every rank rebuilds the data and the base network from the config (`pipeline.experiment`), and
+- every rank rebuilds the data and the base network from the config (`pipeline.builders`), and
   draws the task's initial scores from (network seed, task id, layer), so all ranks start equal;
 - each rank draws its own batches, with a seed derived from (config seed, rank): rank 0 keeps the
   config seed, so one worker reproduces `supsup.train.train_group` bit for bit;
@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from pipeline.builders import build_net, build_spec, build_tasks
 from pipeline.cluster import ray_session, worker_threads
 from pipeline.config import ExperimentConfig, TrainSection
-from pipeline.experiment import build_net, build_spec, build_tasks
 from pipeline.registry import MaskRegistry
 from supsup.scores import TaskScores
 from supsup.seeding import derive_seed

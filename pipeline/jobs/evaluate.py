@@ -24,9 +24,7 @@ from typing import Any
 
 from pipeline.accuracy_matrix import AccuracyMatrix, continual_metrics
 from pipeline.bank_source import BankSource
-from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
-from pipeline.config import ExperimentConfig
-from pipeline.experiment import (
+from pipeline.builders import (
     build_net,
     build_spec,
     build_tasks,
@@ -34,6 +32,8 @@ from pipeline.experiment import (
     worker_net,
     worker_tasks,
 )
+from pipeline.cluster import alive_nodes, check_shared, ray_session, remote_options, worker_threads
+from pipeline.config import ExperimentConfig
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.registry import check_matches, load_bank, read_manifest

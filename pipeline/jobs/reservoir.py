@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.builders import build_tasks, tracked_run
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import build_tasks, tracked_run
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.registry import MaskRegistry

@@ -19,6 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.builders import (
+    build_net,
+    build_spec,
+    build_tasks,
+    task_groups,
+    worker_net,
+    worker_tasks,
+)
 from pipeline.cluster import (
     check_shared,
     ray_session,
@@ -27,14 +35,6 @@ from pipeline.cluster import (
     worker_threads,
 )
 from pipeline.config import ExperimentConfig
-from pipeline.experiment import (
-    build_net,
-    build_spec,
-    build_tasks,
-    task_groups,
-    worker_net,
-    worker_tasks,
-)
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
 from pipeline.jobs.progress import BoardReader, item_key, poster, start_board

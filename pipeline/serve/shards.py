@@ -28,7 +28,7 @@ import torch
 from ray.exceptions import RayTaskError
 
 from pipeline.bank_source import BankSource, snapshot_hash
-from pipeline.experiment import worker_net
+from pipeline.builders import worker_net
 from pipeline.registry import BankMismatchError, MaskRegistry, load_bank, read_manifest
 from pipeline.registry.transfer import iter_export
 from supsup.bank import MaskBank, describe_ids

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.builders import build_net, build_spec, build_tasks
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
-from pipeline.experiment import build_net, build_spec, build_tasks
 from pipeline.jobs.distributed import (
     collective_backend,
     data_parallel_steps,

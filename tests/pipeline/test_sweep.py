@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
+from pipeline.builders import build_net, build_spec, build_tasks
 from pipeline.config import ConfigError, load_config, parse_config
-from pipeline.experiment import build_net, build_spec, build_tasks
 from pipeline.jobs.sweep import (
     best_config,
     cmd_sweep,

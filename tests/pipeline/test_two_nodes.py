@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.builders import task_groups
 from pipeline.config import load_config
-from pipeline.experiment import task_groups
 from pipeline.jobs.train import train_group_worker
 from pipeline.registry import MaskRegistry
 from tests.pipeline.servers import Guarded, free_port, stop_group

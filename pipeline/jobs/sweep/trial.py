@@ -25,7 +25,7 @@ def _log_points(config: ExperimentConfig, train_size: int) -> int:
 def validation_tasks(config: ExperimentConfig) -> TaskSet:
     """The config's tasks with `sweep.val_fraction` of the train data held out as their "test"
     split: trials select on it, and the real test data is never seen."""
-    from pipeline.experiment import build_tasks
+    from pipeline.builders import build_tasks
     from supsup.tasks import split_data
 
     sweep = _sweep(config)
@@ -53,9 +53,9 @@ def sweep_trial(params: dict[str, Any], config_data: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from pipeline.builders import build_net, build_spec
     from pipeline.cluster import worker_threads
     from pipeline.config import ExperimentConfig
-    from pipeline.experiment import build_net, build_spec
     from pipeline.jobs.devices import worker_device
     from supsup.evaluate import scores_accuracy
     from supsup.train import TrainProgress, train_group
