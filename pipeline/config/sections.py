@@ -323,3 +323,6 @@ class ServeSection(Section):
     max_batch_size: Int = Field(32, ge=1)  # requests answered in one pass
     batch_wait_timeout_s: Float = Field(0.01, ge=0)  # how long a pass waits to fill up
     max_rows_per_request: Int = Field(256, ge=1)  # a larger request is a 400 naming this key
+    # > 1: each replica splits the bank into this many task ranges held by Ray actors (for banks
+    # larger than one process's memory); rows are answered per example, one-shot
+    shards: Int = Field(1, ge=1)

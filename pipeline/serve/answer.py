@@ -11,13 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from pipeline.serve.contract import InputError
 from supsup.bank import MaskBank
 from supsup.engine import InferenceEngine
-from supsup.inference import infer_task
+from supsup.inference import InferenceResult, infer_task
 from supsup.networks import SupermaskNet
+
+
+class Engine(Protocol):
+    """What answers rows: `supsup.engine.InferenceEngine`, or a bank's shards answering as one."""
+
+    objective: str
+
+    def infer(self, x: torch.Tensor, method: str = "one_shot") -> InferenceResult: ...
+
+    def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -56,14 +68,23 @@ class Answerer:
     """A network and a loaded bank, answering batches of normalised inputs. Not thread-safe:
     answering installs bindings on the shared network, so callers answer one batch at a time."""
 
-    def __init__(self, net: SupermaskNet, bank: MaskBank) -> None:
+    def __init__(self, net: SupermaskNet, bank: MaskBank | None,
+                 sharded: Engine | None = None) -> None:
+        """`bank` held here, or (`bank` None) a `sharded` engine answering for the bank's shards
+        (pipeline.serve.shards.ShardedBank: one-shot, per example, its one objective)."""
         self.net = net.eval()
         self.bank = bank
-        self.engines: dict[str, InferenceEngine] = {}
+        self.engines: dict[str, Engine] = {}
+        if sharded is not None:
+            self.engines[sharded.objective] = sharded
 
-    def engine(self, objective: str) -> InferenceEngine:
+    def engine(self, objective: str) -> Engine:
         """The engine of `objective`, made (the bank's mixture computed) on first use."""
         if objective not in self.engines:
+            if self.bank is None:
+                raise InputError(
+                    f"objective {objective!r}: this version is served by shards that answer "
+                    f"with objective {next(iter(self.engines))!r} only; leave objective out")
             self.engines[objective] = InferenceEngine(self.net, self.bank, objective=objective)
         return self.engines[objective]
 
@@ -83,6 +104,9 @@ class Answerer:
         row (the paper's evaluation protocol)."""
         if options["mode"] == "per_example" or x.shape[0] == 0:
             return self.answer(x, options["method"], options["objective"])
+        if self.bank is None:
+            raise InputError(f"mode {options['mode']!r}: this version is served by shards, which "
+                             "answer each row on its own; leave mode out (per_example)")
         result = infer_task(self.net, self.bank, x, method=options["method"],
                             objective=options["objective"], mode=options["mode"])
         classes = self.engine(options["objective"]).classify(x, result.task_ids)

@@ -86,10 +86,20 @@ class BankReplica:
                 raise BankMismatchError(
                     f"{version.model_uri} now pins snapshot {source.short}, not the "
                     f"{version.snapshot[:12]} checked when serving started")
-            bank, spec = load_bank(source, self.device)
+            objective = version.defaults.get("objective", "entropy")
+            if config.shards > 1:  # task ranges in actors of their own; no copy of the bank here
+                from pipeline.serve.shards import ShardedBank
+
+                sharded = ShardedBank.from_source(source, config.shards, objective=objective,
+                                                  device=str(self.device),
+                                                  threads=torch.get_num_threads())
+                self.answerer = Answerer(sharded.net, None, sharded)
+            else:
+                bank, spec = load_bank(source, self.device)
+                self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank)
         self.version = version
-        self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank)
-        self.answerer.engine(version.defaults.get("objective", "entropy"))  # not on a request
+        self.shards = config.shards
+        self.answerer.engine(objective)  # the bank's mixture, made now and not on a request
         # One pass at a time: answering installs bindings on the shared network.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank")
         self.counts = {"requests": 0, "batches": 0, "largest_batch": 0}
@@ -99,7 +109,7 @@ class BankReplica:
     def describe(self) -> dict[str, Any]:
         """The version this replica holds, and which process holds it."""
         return {**self.version.describe(), "replica_pid": os.getpid(),
-                "device": str(self.device), **self.counts}
+                "device": str(self.device), "shards": self.shards, **self.counts}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def answer(self, requests: list[tuple[np.ndarray, dict[str, str]]]
@@ -227,8 +237,10 @@ class Front:
                     await asyncio.sleep(delay)
                     delay *= 2
             except Exception as exc:  # noqa: BLE001  (one bounded line, never a traceback)
-                log.exception("answering failed")
                 cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the replica's
+                if isinstance(cause, InputError):  # options this replica cannot answer
+                    return _error(400, "INVALID_PARAMETER_VALUE", str(cause)[:300])
+                log.exception("answering failed")
                 first = (str(cause).strip().splitlines() or [""])[-1][:200]
                 return _error(500, "INTERNAL_ERROR",
                               f"{type(cause).__name__} while answering: {first}; the replica "

@@ -48,18 +48,29 @@ def check_port_free(host: str, port: int) -> None:
                              f"serve.port={port + 1}") from None
 
 
-def checked_version(model_uri: str, tracking_uri: str) -> Any:
+def checked_version(model_uri: str, tracking_uri: str, whole: bool = True) -> Any:
     """The ServedVersion of `model_uri` (an alias resolves to its version number now), after
-    loading its masks once: BankMismatchError naming the bank when the registry no longer holds
-    the version's snapshot."""
-    from pipeline.registry import load_bank
+    loading its masks once (`whole`), or, for a bank served by shards, after hashing its tasks'
+    checksums without holding the masks: BankMismatchError naming the bank when the registry
+    no longer holds the version's snapshot."""
+    from pipeline.bank_source import snapshot_hash
+    from pipeline.registry import BankMismatchError, load_bank, read_manifest
     from pipeline.serve.app import ServedVersion
+    from pipeline.serve.shards import range_checksums
     from pipeline.tracking.pyfunc import input_normalization
     from pipeline.tracking.versions import model_source
+    from supsup.networks import NetworkSpec
 
     with tempfile.TemporaryDirectory(prefix="supsup-serve-") as tmp:
         info, source = model_source(model_uri, tracking_uri, tmp)
-        _, spec = load_bank(source)
+        if whole:
+            _, spec = load_bank(source)
+        else:
+            spec = NetworkSpec.from_dict(read_manifest(source)["network"])
+            checks = range_checksums(source, source.task_ids)
+            if snapshot_hash(source.manifest_sha256, checks) != source.snapshot_sha256:
+                raise BankMismatchError(f"{source.describe()}: a task was rewritten since this "
+                                        "snapshot was taken, so it is not served")
     return ServedVersion(
         model_uri=info["model_uri"], tracking_uri=tracking_uri,
         snapshot=source.snapshot_sha256, tasks=source.num_tasks,
@@ -83,7 +94,7 @@ def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
     if not joined:  # on a cluster, the proxy listens on the cluster's nodes
         check_port_free(settings.host, settings.port)
     uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
-    version = checked_version(model_uri, uri)
+    version = checked_version(model_uri, uri, whole=settings.shards == 1)
     with ray_session(config.cluster, address):
         from ray import serve
 

@@ -389,3 +389,30 @@ def test_serve_joins_a_cluster_and_leaves_it_running(tmp_path: Path, registered:
     finally:
         stop_group(head, seconds=30)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_bank_served_by_shards_answers_like_the_whole_bank(tmp_path: Path, trained: dict,
+                                                              registered: dict) -> None:
+    """serve.shards=2: the replica holds no masks itself; two actors hold a task range each and
+    the answers equal the whole bank's. Options only a whole bank answers are named 400s."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_ADDRESS", None)
+    served = _start_serving(registered["uri"], registered["db"], tmp_path, env,
+                            "--set", "serve.shards=2", "--set", "cluster.num_cpus=2")
+    try:
+        raw = np.concatenate([_raw_pixels(trained["tasks"], 0, 6),
+                              _raw_pixels(trained["tasks"], 2, 6)])
+        expected = _reference(trained, registered, raw)
+        status, body, _ = _post(served, {"inputs": raw.tolist(),
+                                         "params": {"input_scale": "0-255"}})
+        assert status == 200, body
+        rows = body["predictions"]
+        assert [r["task_id"] for r in rows] == expected.task_ids.tolist()
+        assert [r["class"] for r in rows] == expected.classes.tolist()
+        status, health, _ = _call(f"{served.url}/health")
+        assert status == 200 and health["shards"] == 2, health
+        status, body, _ = _post(served, {"inputs": raw[:2].tolist(), "params": {
+            "input_scale": "0-255", "mode": "one_image"}})
+        assert status == 400 and "served by shards" in body["message"], body
+    finally:
+        stop_group(served.proc, seconds=60, first=signal.SIGINT)
