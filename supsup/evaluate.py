@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
 from supsup.bank import MaskBank
 from supsup.binding import use_scores, use_task
 from supsup.engine import InferenceEngine
-from supsup.inference import infer_task
+from supsup.inference import InferenceResult, infer_task
 from supsup.networks import SupermaskNet
 from supsup.scores import TaskScores
 from supsup.tasks import TaskSet
@@ -111,6 +112,14 @@ def evaluate_task(
     )
 
 
+class GroupEngine(Protocol):
+    """What answers a group's queries: `InferenceEngine`, or a bank's shards answering as one."""
+
+    def infer(self, x: torch.Tensor, method: str = "one_shot") -> InferenceResult: ...
+
+    def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor: ...
+
+
 _PREDICT_CHUNK = 8  # test batches classified by one forward pass with the task's own mask
 
 
@@ -148,7 +157,7 @@ class _Pending:
 
 def evaluate_group(
     net: SupermaskNet,
-    bank: MaskBank,
+    bank: MaskBank | None,
     tasks: TaskSet,
     task_ids: Sequence[int],
     *,
@@ -162,21 +171,37 @@ def evaluate_group(
     max_batches: int | None = None,
     digits: int = 2,
     queries_per_pass: int = 256,
+    engine: GroupEngine | None = None,
 ) -> list[TaskEvaluation]:
     """`evaluate_task` for many tasks, with the queries of all their test batches answered
     together by the batched engine (`supsup.engine`): the first image of each batch (the paper's
     protocol, `one_image`) or every image (`per_example`), `queries_per_pass` per pass over the
     bank. Each query gets the answer the one-image path gives it, so the counts are the same;
-    `batch` mode (one objective over a whole batch) and GG alone keep `evaluate_task`."""
-    if not gn or mode == "batch":
+    `batch` mode (one objective over a whole batch) and GG alone keep `evaluate_task`.
+
+    `engine` answers instead of a local one (e.g. a bank's shards, each holding a task range:
+    `bank` may then be None, and classification too goes through `engine.classify`)."""
+    if engine is not None:
+        if not gn or mode == "batch" or candidates is not None:
+            raise ValueError("an outside engine answers one_image or per_example GN over its "
+                             "whole bank: no batch mode, GG alone or candidate subsets")
+    elif not gn or mode == "batch":
         return [evaluate_task(net, bank, tasks, t, gn=gn, batch_size=batch_size, method=method,
                               objective=objective, mode=mode, split=split,
                               candidates=candidates, max_batches=max_batches)
                 for t in task_ids]
-    for t in task_ids:
-        bank.row(t)
-    engine = InferenceEngine(net, bank, objective=objective, task_ids=candidates,
-                             digits=digits, block_queries=queries_per_pass)
+    outside = engine
+    if engine is None:
+        assert bank is not None
+        for t in task_ids:
+            bank.row(t)
+        engine = InferenceEngine(net, bank, objective=objective, task_ids=candidates,
+                                 digits=digits, block_queries=queries_per_pass)
+
+    def predict(task: int, x: torch.Tensor) -> torch.Tensor:
+        if outside is None:
+            return _predict(net, bank, task, x, tasks.num_classes)  # type: ignore[arg-type]
+        return outside.classify(x, torch.full((x.shape[0],), task, dtype=torch.long))
     net.eval()
     tallies = {int(t): _Tally() for t in task_ids}
     pending: list[_Pending] = []
@@ -188,7 +213,7 @@ def evaluate_group(
         offset = 0
         for p in pending:
             size = p.queries.shape[0]
-            _score(net, bank, tasks, split, p, chosen[offset:offset + size], tallies[p.task_id])
+            _score(predict, tasks, split, p, chosen[offset:offset + size], tallies[p.task_id])
             offset += size
         pending.clear()
 
@@ -204,7 +229,7 @@ def evaluate_group(
             pos = torch.arange(chunk, min(n, chunk + _PREDICT_CHUNK * batch_size),
                                device=tasks.device)
             x_all, y_all = tasks.get(t, split, pos)
-            pred_all, y_all = _predict(net, bank, t, x_all, tasks.num_classes), y_all.cpu()
+            pred_all, y_all = predict(int(t), x_all), y_all.cpu()
             tally.n += y_all.numel()
             tally.gg += int((pred_all == y_all).sum())
             for b0 in range(0, y_all.numel(), batch_size):
@@ -220,8 +245,8 @@ def evaluate_group(
     return [tallies[int(t)].result(int(t), split) for t in task_ids]
 
 
-def _score(net: SupermaskNet, bank: MaskBank, tasks: TaskSet, split: str, p: _Pending,
-           chosen: torch.Tensor, tally: _Tally) -> None:
+def _score(predict: Callable[[int, torch.Tensor], torch.Tensor], tasks: TaskSet, split: str,
+           p: _Pending, chosen: torch.Tensor, tally: _Tally) -> None:
     """Count one batch's GN results from the tasks its queries were given."""
     if chosen.numel() == 1:  # one image decides the whole batch
         task = int(chosen[0])
@@ -230,8 +255,7 @@ def _score(net: SupermaskNet, bank: MaskBank, tasks: TaskSet, split: str, p: _Pe
             gn_pred = p.pred
         else:  # rare: the batch again, classified with the mask it was given
             pos = torch.arange(p.start, p.start + p.y.numel(), device=tasks.device)
-            gn_pred = _predict(net, bank, task, tasks.get(p.task_id, split, pos)[0],
-                               tasks.num_classes)
+            gn_pred = predict(task, tasks.get(p.task_id, split, pos)[0])
         hit = gn_pred == p.y
         tally.per_example += int(hit.sum())
         tally.gn += int(hit.sum()) if ok else 0
@@ -243,7 +267,7 @@ def _score(net: SupermaskNet, bank: MaskBank, tasks: TaskSet, split: str, p: _Pe
     for t in chosen.unique().tolist():
         if t != p.task_id:
             sel = chosen == t
-            gn_pred[sel] = _predict(net, bank, t, p.queries[sel], tasks.num_classes)
+            gn_pred[sel] = predict(int(t), p.queries[sel])
     hit, ok = gn_pred == p.y, chosen == p.task_id
     tally.per_example += int(hit.sum())
     tally.gn += int((hit & ok).sum())

@@ -155,6 +155,18 @@ class EvaluateSection(Section):
     digits: Literal[2, 3] = 2
     curve_points: Int = Field(6, ge=0)  # points on the accuracy-vs-tasks-learned curve
     curve_tasks: Int = Field(10, ge=1)  # tasks sampled at each curve point
+    # > 1: the bank is split into task ranges held by this many Ray actors (a bank larger than
+    # one process's memory); the driver answers every task's queries through them
+    shards: Int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _shards_answer_one_shot_per_query(self) -> EvaluateSection:
+        if self.shards > 1 and (not self.gn or self.mode == "batch" or self.method != "one_shot"):
+            raise field_error("shards", (
+                f"{self.shards} shards answer one-shot inference of single queries "
+                f"(mode one_image or per_example, gn true), not method {self.method!r}, mode "
+                f"{self.mode!r}, gn {self.gn}; set evaluate.shards: 1 to load the bank whole"))
+        return self
 
 
 class ClusterSection(Section):

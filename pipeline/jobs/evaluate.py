@@ -145,6 +145,36 @@ def evaluate_group_worker(
     return out
 
 
+def _evaluate_sharded(config: ExperimentConfig, source: BankSource,
+                      jobs: list[tuple[str, int, list[int], list[int] | None]],
+                      on_result: Callable[[Any, list[dict[str, Any]]], None]) -> None:
+    """Evaluate the jobs' tasks on the driver, the bank held by `evaluate.shards` Ray actors
+    (each a task range, none the whole bank): every query is answered by all shards and one
+    argmin, and each task's own mask classifies on the shard that holds it."""
+    from pipeline.serve.shards import ShardedBank
+    from supsup.evaluate import evaluate_group
+
+    e = config.evaluate
+    tasks = build_tasks(config)
+    with ShardedBank.from_source(source, e.shards, objective=e.objective, digits=e.digits,
+                                 block_queries=e.queries_per_pass,
+                                 threads=worker_threads(config.cluster)) as sharded:
+        for job in jobs:
+            start = time.perf_counter()
+            results = evaluate_group(
+                sharded.net, None, tasks, job[2], gn=True, batch_size=e.batch_size,
+                method=e.method, objective=e.objective, mode=e.mode,
+                max_batches=e.max_batches, engine=sharded)
+            seconds = (time.perf_counter() - start) / max(1, len(results))
+            rows = []
+            for result in results:
+                row = result.to_dict()
+                row["inferred"] = {str(k): v for k, v in (row.get("inferred") or {}).items()}
+                row["seconds"] = seconds
+                rows.append(row)
+            on_result(job, rows)
+
+
 def _local_copy(source: BankSource, data: bytes) -> str:
     """The bank file's bytes as a file on this node (once per snapshot); load_bank checks them."""
     path = Path(tempfile.gettempdir()) / f"supsup-bank-{source.snapshot_sha256}.parquet"
@@ -234,6 +264,14 @@ def run_evaluation(
         last = [c for c in columns if c not in set(ids)]  # the final row beyond `task_ids`
         if last:
             jobs.append(("curve", n, last, None))
+    if config.evaluate.shards > 1 and len(jobs) > len(ids) and jobs[-1][0] == "curve":
+        # the curve infers among the first k tasks, which shards of the whole bank do not
+        log.warning("evaluate.shards=%d: the tasks-learned curve and the accuracy matrix's "
+                    "earlier rows are left out (they infer among fewer tasks than the shards "
+                    "hold)", config.evaluate.shards)
+    if config.evaluate.shards > 1:
+        jobs = [j for j in jobs if j[0] == "final"]
+        points = points[-1:]
     config_data = config.model_dump()
     rows: list[dict[str, Any]] = []
     curve_rows: dict[int, list[dict[str, Any]]] = {}
@@ -252,16 +290,22 @@ def run_evaluation(
     with ray_session(config.cluster, address):
         import ray
 
+        if config.evaluate.shards > 1:
+            _evaluate_sharded(config, source, jobs, on_result)
+            jobs = []
         blob = None
         if source.root is not None:
             with probe(source.root) as name:
                 check_shared(source.root, name, probe_seen)
         elif len(alive_nodes()) > 1:  # the bank file is on the driver: ship it once
             blob = ray.put(Path(source.export).read_bytes())  # type: ignore[arg-type]
-        fan_out(evaluate_group_worker, jobs, lambda j: (config_data, source, j[2], j[3], blob),
-                options=remote_options(config.cluster, config.train.max_retries),
-                on_result=on_result,
-                describe=lambda j: f"evaluating tasks {describe_ids(j[2])} of {source.bank!r}")
+        if jobs:
+            fan_out(evaluate_group_worker, jobs,
+                    lambda j: (config_data, source, j[2], j[3], blob),
+                    options=remote_options(config.cluster, config.train.max_retries),
+                    on_result=on_result,
+                    describe=lambda j: f"evaluating tasks {describe_ids(j[2])} of "
+                                       f"{source.bank!r}")
     rows.sort(key=lambda r: r["task_id"])
     summary = _summary(rows)
     curve = []

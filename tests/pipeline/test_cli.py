@@ -484,3 +484,19 @@ def test_set_typo_suggests_the_key_and_blames_the_override(
     assert main(["train", str(bad)]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert f"{bad}: unknown key 'train.stpes'; did you mean 'train.steps'?" in err
+
+
+def test_evaluation_by_shards_counts_what_the_whole_bank_counts(trained: Path) -> None:
+    """evaluate.shards=2: two Ray actors hold three tasks each and the driver answers through
+    them; every task's GG, GN and task-inference counts equal the whole bank's evaluation."""
+    config = load_config(trained / "exp.yaml")
+    report = config.run_dir / "evaluation" / "report.json"
+    rows = {}
+    for shards in (1, 2):
+        assert main(["evaluate", str(trained / "exp.yaml"), "--set", "evaluate.curve_points=0",
+                     "--set", f"evaluate.shards={shards}"]) == 0
+        data = json.loads(report.read_text())
+        rows[shards] = [{k: r[k] for k in ("task_id", "examples", "accuracy_gg", "accuracy_gn",
+                                           "task_inference_accuracy", "inferences")}
+                        for r in data["tasks"]]
+    assert rows[2] == rows[1] and len(rows[1]) == 6

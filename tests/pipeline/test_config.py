@@ -436,3 +436,11 @@ def test_a_recursive_alias_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"loop\.yaml: line 1: an alias refers to the value "
                                           "that contains it"):
         load_config(path)
+
+
+@pytest.mark.parametrize("evaluate", [{"mode": "batch"}, {"method": "binary"}, {"gn": False}])
+def test_evaluation_by_shards_is_one_shot_per_query(tmp_path: Path, evaluate: dict) -> None:
+    path = write(tmp_path, {"evaluate": {"shards": 2, **evaluate}})
+    with pytest.raises(ConfigError, match=r"evaluate\.shards.*set evaluate\.shards: 1"):
+        load_config(path)
+    assert load_config(write(tmp_path, {"evaluate": {"shards": 2}}, "ok.yaml")).evaluate.shards == 2
