@@ -34,6 +34,7 @@ from pipeline.builders import build_net, build_spec, build_tasks, tracked_run
 from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.jobs.devices import worker_device
+from pipeline.jobs.fanout import fan_out
 from pipeline.jobs.progress import BoardReader, poster, start_board
 from pipeline.registry import MaskRegistry, load_bank
 from supsup.discovery import DiscoveryConfig
@@ -237,36 +238,48 @@ def _run_workers(
     progress: Callable[[float, int], None] | None,
     address: str | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The stream, then the evaluation of what it discovered, each one call on the shared
+    fan-out (retries on a lost worker, failures named by bank and step)."""
     import ray
 
     config_data = config.model_dump()
     options = remote_options(config.cluster, config.train.max_retries)
+    results: dict[str, Any] = {}
+
+    def keep(step: str, result: Any) -> None:
+        results[step] = result
+
+    def describe(step: str) -> str:
+        return f"the discovery job of bank {config.bank!r} ({step})"
+
     with ray_session(config.cluster, address):
         board = start_board() if progress else None
         reader = BoardReader(board, lambda _: num_streamed)
         reader.start(["stream"])
+
+        def poll() -> None:
+            if progress:
+                progress(min(float(num_streamed), reader.poll()), num_streamed)
+
         try:
-            ref = ray.remote(**options)(discover_worker).remote(config_data, board)
             if progress:
                 progress(0, num_streamed)
-            ready: list[Any] = []
-            while not ready:
-                ready, _ = ray.wait([ref], timeout=1.0)
-                if progress and board is not None:
-                    progress(min(float(num_streamed), reader.poll()), num_streamed)
-            stream = ray.get(ref)
+            fan_out(discover_worker, ["stream"], lambda _: (config_data, board), options=options,
+                    on_result=keep, describe=describe, next_step=_AFTER_FAILURE,
+                    poll=poll if board is not None else None)
             if progress:  # the last post may still be on its way
                 progress(num_streamed, num_streamed)
-            evaluation = ray.get(ray.remote(**options)(evaluate_worker).remote(config_data))
-        except ray.exceptions.RayError as err:
-            raise RuntimeError(
-                f"the discovery job of bank {config.bank!r} failed: {err}. Masks written before "
-                "the failure stay in the registry; move the bank away (or set registry.bank to a "
-                "new name) before running again.") from err
+            fan_out(evaluate_worker, ["evaluation"], lambda _: (config_data,), options=options,
+                    on_result=keep, describe=describe, next_step=_AFTER_FAILURE)
         finally:
             if board is not None:
                 ray.kill(board)
-    return stream, evaluation
+    return results["stream"], results["evaluation"]
+
+
+# A stream cannot resume: the masks it allocated depend on everything fed before.
+_AFTER_FAILURE = ("Masks written before the failure stay in the registry; move the bank away (or "
+                  "set registry.bank to a new name) before running again.")
 
 
 def _summarise(config: ExperimentConfig, order: list[int], stream: dict[str, Any],

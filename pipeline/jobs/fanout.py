@@ -3,7 +3,8 @@ handed back in completion order, and failures named by item.
 
 Ray retries a call whose worker process or node died (up to `max_retries`, e.g. on another node
 after a node loss); an exception raised by the job's own code is not retried (retry_exceptions
-is off), so the error says which of the two happened.
+is off), so the error says which of the two happened, then what to do next: by default rerun
+to resume, for the jobs that keep what they stored and skip it on the next run.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ def fan_out(
     on_start: Callable[[_T], None] | None = None,
     poll: Callable[[], None] | None = None,
     poll_seconds: float = 1.0,
+    next_step: str | None = None,
 ) -> None:
     """Call `fn(*args(item))` remotely for each item, at most `max_in_flight` at once (all when
     None); `on_result(item, result)` runs on the driver as each call finishes, `on_start(item)`
     as it is submitted, and `poll()` every `poll_seconds` while none finishes (progress from
     inside running calls).
 
-    RuntimeError naming `describe(item)` when a call fails.
+    RuntimeError naming `describe(item)` when a call fails, ending with `next_step` (what to do
+    now; None: rerun to resume).
     """
     import ray
 
@@ -58,11 +61,12 @@ def fan_out(
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as err:
-                raise RuntimeError(_failure(describe(item), err, options)) from err
+                raise RuntimeError(_failure(describe(item), err, options, next_step)) from err
             on_result(item, result)
 
 
-def _failure(what: str, err: Exception, options: dict[str, Any]) -> str:
+def _failure(what: str, err: Exception, options: dict[str, Any],
+             next_step: str | None) -> str:
     import ray
 
     died = isinstance(err, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -70,8 +74,9 @@ def _failure(what: str, err: Exception, options: dict[str, Any]) -> str:
     if died:
         retries = options.get("max_retries", 0)
         return (f"{what}: its worker died and Ray's {retries} retries were used up ({err}). "
-                "Results stored so far are kept; rerun the same command to resume.")
+                + (next_step or "Results stored so far are kept; rerun the same command to "
+                   "resume."))
     cause = getattr(err, "cause", None) or err
     return (f"{what} failed ({type(cause).__name__}: {cause}); Ray does not retry errors raised "
-            "by the job itself. Results stored so far are kept; fix the cause and rerun the "
-            "same command to resume.")
+            "by the job itself. " + (next_step or "Results stored so far are kept; fix the "
+                                     "cause and rerun the same command to resume."))

@@ -252,20 +252,23 @@ def run_reservoir(
     return summary
 
 
+CAPACITY = "capacity"  # the fan-out item of the capacity curve, beside the task ids
+
+
+def learn_worker(config_data: dict[str, Any], item: int | str) -> Any:
+    """Runs inside a Ray worker: a task's gates (`item` a task id), or the capacity curve
+    (`item` is CAPACITY), so both go through one fan-out and run side by side."""
+    if item == CAPACITY:
+        return capacity_worker(config_data)
+    return train_gates_worker(config_data, int(item))
+
+
 def _train_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: list[int],
                progress: Callable[[int, int], None] | None, total: int
                ) -> tuple[dict[int, dict[str, Any]], list[list[float]]]:
-    import ray
-
-    options = remote_options(config.cluster, config.train.max_retries)
-    capacity_ref = ray.remote(**options)(capacity_worker).remote(config_data)
-    trained = _each_task(train_gates_worker, "learning the gates", config, config_data, task_ids,
-                         progress, total, 0)
-    try:
-        capacity = ray.get(capacity_ref)
-    except ray.exceptions.RayError as err:
-        raise RuntimeError(f"the capacity curve failed: {err}") from err
-    return trained, capacity
+    trained = _each_task(learn_worker, "learning the gates", config, config_data,
+                         [CAPACITY, *task_ids], progress, total, 0)
+    return trained, trained.pop(CAPACITY)
 
 
 def _recall_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids: list[int],
@@ -275,22 +278,26 @@ def _recall_all(config: ExperimentConfig, config_data: dict[str, Any], task_ids:
 
 
 def _each_task(worker: Callable[..., Any], what: str, config: ExperimentConfig,
-               config_data: dict[str, Any], task_ids: list[int],
+               config_data: dict[str, Any], items: list[Any],
                progress: Callable[[int, int], None] | None, total: int,
-               done_before: int) -> dict[int, Any]:
-    """`worker(config_data, task)` for every task on the shared fan-out, counting progress."""
-    out: dict[int, Any] = {}
+               done_before: int) -> dict[Any, Any]:
+    """`worker(config_data, item)` for every item (a task id, or CAPACITY) on the shared
+    fan-out; progress counts the tasks."""
+    out: dict[Any, Any] = {}
 
-    def on_result(task: int, result: Any) -> None:
-        out[task] = result
-        if progress:
-            progress(done_before + len(out), total)
+    def on_result(item: int | str, result: Any) -> None:
+        out[item] = result
+        if progress and item != CAPACITY:
+            progress(done_before + len(out) - (CAPACITY in out), total)
+
+    def describe(item: int | str) -> str:
+        return "the capacity curve" if item == CAPACITY else f"{what} of task {item}"
 
     if progress:
         progress(done_before, total)
-    fan_out(worker, task_ids, lambda t: (config_data, t),
+    fan_out(worker, items, lambda item: (config_data, item),
             options=remote_options(config.cluster, config.train.max_retries),
-            on_result=on_result, describe=lambda t: f"{what} of task {t}")
+            on_result=on_result, describe=describe)
     return out
 
 
