@@ -270,6 +270,7 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
                 mv = client.create_model_version(
                     model_name, model_info.model_uri, run_id=run_id,
                     model_id=model_info.model_id,
+                    description=inputs_description(spec, info["input"]),
                     tags={**_version_tags(source, spec, bank_file is not None, tags),
                           MODEL_JSON_TAG: digest})
                 _link_logged_model(client, model_info.model_id, model_name, int(mv.version))
@@ -282,6 +283,26 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     logger.debug("registered %s as models:/%s/%s", source.describe(), model_name, mv.version)
     return int(mv.version)
+
+
+INPUTS_PREFIX = "Inputs: "  # the version description's paragraph that evaluations keep
+
+
+def inputs_description(spec: NetworkSpec, norm: dict[str, Any] | None) -> str:
+    """What the version's predict() expects, for its description: rows, scales, parameters."""
+    width = int(np.prod(spec.input_shape))
+    if norm is None:
+        scales = ("normalised as in training only (this data set records no mean/std, so raw "
+                  "pixels are refused)")
+    else:
+        scales = (f"input_scale 'normalized' (default: as in training, mean {norm['mean']} std "
+                  f"{norm['std']} of {norm['dataset']}), '0-1' or '0-255' raw pixels, "
+                  "normalised here")
+    return (f"{INPUTS_PREFIX}rows of {width} numbers (images {list(spec.input_shape)} "
+            f"flattened, any float or integer dtype); {scales}. Each row gets its own task "
+            "(mode per_example, the default; one_image and batch give a request one task), "
+            "method one_shot or binary, objective entropy or g. Output per row: task_id, class, "
+            "confidence.")
 
 
 def _input_example(spec: NetworkSpec) -> np.ndarray:

@@ -89,7 +89,9 @@ def promote(model_uri: str, tracking_uri: str, alias: str, *,
     mv = client.get_model_version(name, str(version))
     # The evaluation summary first, then the newest promotions (MLflow keeps 5000 characters).
     paragraphs = mv.description.split("\n\n") if mv.description else []
-    kept = paragraphs[:1] + paragraphs[1:][-(_PROMOTIONS_KEPT - 1):]
+    inputs = [p for p in paragraphs if p.startswith("Inputs: ")][:1]  # what predict() takes
+    others = [p for p in paragraphs if not p.startswith("Inputs: ")]
+    kept = others[:1] + inputs + others[1:][-(_PROMOTIONS_KEPT - 1):]
     client.update_model_version(name, str(version), description="\n\n".join([*kept, line]))
     client.set_registered_model_alias(name, alias, str(version))
     if evaluation_run is not None:

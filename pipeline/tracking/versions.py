@@ -104,8 +104,10 @@ def record_evaluation(tracker: Tracker, model_name: str, version: int, run_id: s
     description = (f"{int(summary.get('tasks', 0))} tasks evaluated: {what} "
                    f"(evaluate run {run_id}, {when})")
     # The newest evaluation replaces the last one; the promotions of the version stay.
-    promotions = [p for p in (mv.description or "").split("\n\n") if p.startswith("Promoted ")]
-    description = "\n\n".join([description, *promotions[-10:]])
+    paragraphs = (mv.description or "").split("\n\n")
+    inputs = [p for p in paragraphs if p.startswith("Inputs: ")][:1]
+    promotions = [p for p in paragraphs if p.startswith("Promoted ")]
+    description = "\n\n".join([description, *inputs, *promotions[-10:]])
     client.update_model_version(model_name, str(version), description=description)
 
 

@@ -114,11 +114,12 @@ def test_registration_moves_latest_and_only_promotion_moves_champion(
     described = client.get_model_version(NAME, "1").description.split("\n\n")
     latest = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert latest.info.run_id in described[0] and len(described) == 3
-    assert described[1].startswith("Promoted to @champion on") and "meeting accuracy_gg>=0" in \
-        described[1]
-    assert described[2].startswith("Promoted to @champion on") and "by evaluate run" in \
+    assert latest.info.run_id in described[0] and len(described) == 4
+    assert described[1].startswith("Inputs: rows of 784 numbers")  # what predict() takes stays
+    assert described[2].startswith("Promoted to @champion on") and "meeting accuracy_gg>=0" in \
         described[2]
+    assert described[3].startswith("Promoted to @champion on") and "by evaluate run" in \
+        described[3]
 
 
 def test_the_commands_say_where_the_newest_and_the_promoted_version_are(

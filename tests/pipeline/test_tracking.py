@@ -734,3 +734,7 @@ def test_a_version_links_its_logged_model_which_has_an_input_example(
     assert np.asarray(example).shape == (1, width)
     description = client.get_registered_model("perm-model").description
     assert f"rows of {width} floats" in description and "promotion" in description
+    # the version says what its predict() takes: rows, the scales and their statistics, modes
+    inputs = client.get_model_version("perm-model", str(v1)).description
+    assert f"Inputs: rows of {width} numbers" in inputs and "'0-255'" in inputs
+    assert "per_example" in inputs
