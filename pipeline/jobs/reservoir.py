@@ -30,7 +30,7 @@ from pipeline.cluster import ray_session, remote_options, worker_threads
 from pipeline.config import ExperimentConfig
 from pipeline.jobs.devices import worker_device
 from pipeline.jobs.fanout import fan_out
-from pipeline.registry import MaskRegistry
+from pipeline.registry import MaskRegistry, ReservoirRegistry
 from supsup.networks import NetworkSpec
 from supsup.tasks import TaskSet
 
@@ -143,7 +143,7 @@ def load_reservoir(registry: MaskRegistry, bank: str, device: str = "cpu") -> An
 
     from supsup.hopfield import HopfieldReservoir
 
-    arrays, meta = registry.read_reservoir(bank)
+    arrays, meta = ReservoirRegistry(registry).read(bank)
     num_layers, d, _ = arrays["psi"].shape
     reservoir = HopfieldReservoir(d, num_layers, device)
     reservoir.psi.copy_(torch.from_numpy(arrays["psi"]))
@@ -233,7 +233,7 @@ def run_reservoir(
             reservoir = HopfieldReservoir(widths[0], len(widths))
             for t in task_ids:
                 reservoir.store(_unpack(trained[t]["gates"], widths))
-            status = registry.write_reservoir(
+            status = ReservoirRegistry(registry).write(
                 config.bank,
                 {"psi": reservoir.psi.numpy(), "pattern_sum": reservoir.pattern_sum.numpy()},
                 {"num_stored": reservoir.num_stored, "task_ids": task_ids, "d": reservoir.d,
@@ -393,5 +393,5 @@ def _log(tracker: Any, registry: MaskRegistry, config: ExperimentConfig, summary
     for path in files.values():
         tracker.log_artifact(path, "hopfield")
     with tempfile.TemporaryDirectory(prefix="supsup-reservoir-") as tmp:
-        path = registry.copy_reservoir(config.bank, Path(tmp) / "reservoir.parquet")
+        path = ReservoirRegistry(registry).copy(config.bank, Path(tmp) / "reservoir.parquet")
         tracker.log_artifact(path, "hopfield")

@@ -6,6 +6,7 @@ The only pyarrow importer. Split by file and concern, each depending on the ones
 - task_file: the Parquet format of one task's masks, and their checksums;
 - reservoir_file: the constant-size Hopfield reservoir of a hopfield bank;
 - mask_registry: `MaskRegistry`, banks and their tasks, verify, and a bank's current BankSource;
+- reservoir_registry: `ReservoirRegistry`, a hopfield bank's reservoir published and read;
 - transfer: bank files (exports), publication in one pass, import;
 - loading: `load_bank(source)`, the one loader, which checks the content against the source.
 """
@@ -19,6 +20,7 @@ from pipeline.registry.manifest import (
     check_matches,
 )
 from pipeline.registry.mask_registry import MaskRegistry, RegistryConflictError, VerifyReport
+from pipeline.registry.reservoir_registry import ReservoirRegistry
 from pipeline.registry.task_file import TaskRecord, row_checksum
 from pipeline.registry.transfer import ImportResult, export_bank, import_file
 
@@ -30,6 +32,7 @@ __all__ = [
     "MaskRegistry",
     "RegistryConflictError",
     "RegistryCorruptError",
+    "ReservoirRegistry",
     "TaskRecord",
     "VerifyReport",
     "check_matches",

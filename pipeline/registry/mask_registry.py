@@ -6,7 +6,7 @@ any pyarrow filesystem URI: s3://, gs://, mock://, ...):
 
     {root}/{bank}/_manifest.json                      the bank's identity (manifest.py)
     {root}/{bank}/tasks/task-{task_id:07d}.parquet     one file per task (task_file.py)
-    {root}/{bank}/reservoir.parquet                   hopfield banks only (reservoir_file.py)
+    {root}/{bank}/reservoir.parquet                   hopfield banks only (reservoir_registry.py)
 
 Guarantees: files appear complete or not at all (store.py); a stored task is never replaced
 (identical masks are "unchanged", different ones raise RegistryConflictError and keep the file);
@@ -24,7 +24,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -365,77 +364,13 @@ class MaskRegistry:
                 report.ok.append(tid)
             else:
                 report.problems[tid] = problem
-        report.reservoir = self.has_reservoir(bank)
+        # A hopfield bank's reservoir (reservoir_registry.py publishes it) is checked here too.
+        path = self.store.join(bank, reservoir_file.RESERVOIR_FILE)
+        report.reservoir = self.store.exists(path)
         if report.reservoir:
+            manifest = self.manifest(bank)
             try:
-                self.read_reservoir(bank)
+                reservoir_file.read(self.store, path, bank, manifest, manifest["manifest_sha256"])
             except (RegistryCorruptError, FileNotFoundError) as exc:
                 report.reservoir_problem = str(exc)
         return report
-
-    # -------------------------------------------------------------------- reservoir
-    def _reservoir_path(self, bank: str) -> str:
-        return self.store.join(check_bank_name(bank), reservoir_file.RESERVOIR_FILE)
-
-    def has_reservoir(self, bank: str) -> bool:
-        """Whether `bank` holds a Hopfield reservoir file."""
-        return self.store.exists(self._reservoir_path(bank))
-
-    def write_reservoir(self, bank: str, arrays: Mapping[str, np.ndarray | torch.Tensor],
-                        metadata: Mapping[str, Any] | None = None, *,
-                        overwrite: bool = False) -> str:
-        """Store the bank's reservoir; "written", "unchanged" or (overwrite=True) "replaced".
-
-        `arrays` holds exactly "psi" (num_layers, d, d) and "pattern_sum" (num_layers, d), stored
-        as float32, so the file has the same size whatever number of patterns it holds. An
-        existing reservoir with other arrays is kept and RegistryConflictError raised unless
-        `overwrite`.
-        """
-        manifest = self.manifest(bank)
-        rows = reservoir_file.encode(bank, manifest, arrays)
-        tbl = reservoir_file.table(rows, manifest["manifest_sha256"], metadata)
-        final = self._reservoir_path(bank)
-
-        def write(out: Any) -> None:
-            reservoir_file.write_table(out, tbl)
-
-        if self.store.exists(final):
-            if reservoir_file.same(rows, self.read_reservoir(bank)[0]):
-                return "unchanged"
-            if not overwrite:
-                raise self._reservoir_conflict(bank, final)
-            self.store.replace(final, write)
-            logger.info("replaced the reservoir of bank %r", bank)
-            return "replaced"
-        published = self.store.publish_new(final, write)
-        if not published or not self.store.exclusive:
-            if not reservoir_file.same(rows, self.read_reservoir(bank)[0]):
-                raise self._reservoir_conflict(bank, final)
-            if not published:
-                return "unchanged"
-        logger.info("wrote the reservoir of bank %r", bank)
-        return "written"
-
-    def _reservoir_conflict(self, bank: str, path: str) -> RegistryConflictError:
-        return RegistryConflictError(
-            f"bank {bank!r} already holds a different reservoir at {path} (it was kept). A "
-            "reservoir holds every stored task at once: pass overwrite=True to replace it with "
-            f"this one, or write to a new bank name (e.g. '{bank}-v2').")
-
-    def read_reservoir(self, bank: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """({"psi": (L, d, d), "pattern_sum": (L, d)} float32, metadata), checksums verified.
-
-        FileNotFoundError when the bank holds no reservoir; RegistryCorruptError naming the file
-        when it is damaged or was written under another manifest.
-        """
-        manifest = self.manifest(bank)
-        return reservoir_file.read(self.store, self._reservoir_path(bank), bank, manifest,
-                                   manifest["manifest_sha256"])
-
-    def copy_reservoir(self, bank: str, dest_path: str | os.PathLike[str]) -> Path:
-        """Copy the (verified) reservoir file to a local path, e.g. to log it as an artifact."""
-        self.read_reservoir(bank)
-        dest = Path(dest_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(self.store.read_bytes(self._reservoir_path(bank)))
-        return dest

@@ -4,8 +4,8 @@ A bank of the hopfield scenario stores no task files: its masks (neuron gates, o
 gated layer listed in the manifest) live superimposed in `{root}/{bank}/reservoir.parquet`, one row
 per array: "psi" (num_layers, d, d) and "pattern_sum" (num_layers, d), float32 little-endian
 bytes with a sha256 per row, plus JSON metadata (patterns stored, task ids, ...) and the hash of
-the manifest the file was written under. It depends on the store; nothing depends on it but the
-registry facade.
+the manifest the file was written under. It depends on the store; reservoir_registry.py publishes
+and reads it, and the mask registry's `verify` checks it.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def read(store: Store, path: str, bank: str, manifest: Mapping[str, Any],
     except FileNotFoundError:
         raise FileNotFoundError(
             f"bank {bank!r} in {store.root} holds no reservoir ({path}); the hopfield scenario "
-            "writes one (MaskRegistry.write_reservoir)") from None
+            "writes one (ReservoirRegistry.write)") from None
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise RegistryCorruptError(f"{path}: unreadable or truncated Parquet file ({exc}); "
                                    f"{_ADVICE}") from None

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
 from pipeline.jobs.reservoir import run_reservoir
-from pipeline.registry import MaskRegistry, RegistryConflictError
+from pipeline.registry import MaskRegistry, RegistryConflictError, ReservoirRegistry
 from pipeline.tracking import Tracker
 
 WIDTH = 1024  # d; the paper's 2048 recalls exactly too but trains 3x slower on a CPU
@@ -78,11 +78,12 @@ def test_registry_holds_a_constant_size_reservoir_and_no_task_files(
 ) -> None:
     config, _, summary = five_tasks
     registry = MaskRegistry(config.registry.root)
+    reservoirs = ReservoirRegistry(registry)
     assert registry.tasks(config.bank) == []  # the reservoir replaces per-task masks
     assert registry.manifest(config.bank)["mask"]["scenario"] == "hopfield"
     report = registry.verify(config.bank)
     assert report.all_ok and report.reservoir and report.reservoir_problem is None
-    arrays, meta = registry.read_reservoir(config.bank)
+    arrays, meta = reservoirs.read(config.bank)
     psi, pattern_sum = arrays["psi"], arrays["pattern_sum"]
     assert psi.shape == (2, WIDTH, WIDTH) and psi.dtype == np.float32
     assert pattern_sum.shape == (2, WIDTH)
@@ -97,7 +98,7 @@ def test_registry_holds_a_constant_size_reservoir_and_no_task_files(
     small = make_config(Path(config.registry.root).parent, "hopfield3", num_tasks=3, epochs=2,
                         capacity_counts=[2])
     three = run_reservoir(small)
-    arrays3, meta3 = registry.read_reservoir(small.bank)
+    arrays3, meta3 = reservoirs.read(small.bank)
     assert meta3["num_stored"] == 3
     assert {k: (a.shape, a.nbytes) for k, a in arrays3.items()} == {
         k: (a.shape, a.nbytes) for k, a in arrays.items()}
@@ -105,14 +106,14 @@ def test_registry_holds_a_constant_size_reservoir_and_no_task_files(
 
     # Never overwritten silently: another reservoir conflicts and the stored one stays.
     with pytest.raises(RegistryConflictError, match="already holds a different reservoir"):
-        registry.write_reservoir(config.bank, arrays3, meta3)
-    np.testing.assert_array_equal(registry.read_reservoir(config.bank)[0]["psi"], psi)
-    assert registry.write_reservoir(config.bank, arrays, meta) == "unchanged"
-    copy = registry.copy_reservoir(config.bank, tmp_path / "copy" / "r.parquet")
+        reservoirs.write(config.bank, arrays3, meta3)
+    np.testing.assert_array_equal(reservoirs.read(config.bank)[0]["psi"], psi)
+    assert reservoirs.write(config.bank, arrays, meta) == "unchanged"
+    copy = reservoirs.copy(config.bank, tmp_path / "copy" / "r.parquet")
     stored = Path(config.registry.root) / config.bank / "reservoir.parquet"
     assert copy.read_bytes() == stored.read_bytes()
-    assert registry.write_reservoir(small.bank, arrays, meta, overwrite=True) == "replaced"
-    assert registry.read_reservoir(small.bank)[1]["num_stored"] == 5
+    assert reservoirs.write(small.bank, arrays, meta, overwrite=True) == "replaced"
+    assert reservoirs.read(small.bank)[1]["num_stored"] == 5
 
 
 @pytest.mark.slow
@@ -163,23 +164,23 @@ def test_registry_reservoir_round_trip_and_checks(tmp_path: Path) -> None:
     """The bank's manifest lists gated layers of width d = 8; a d = 4 reservoir does not fit,
     and a damaged file is reported by verify."""
     registry = MaskRegistry(tmp_path / "registry")
+    reservoirs = ReservoirRegistry(registry)
     spec = {"name": "fc", "num_outputs": 10, "num_classes": 2, "seed": 0,
             "input_shape": [1, 28, 28], "hidden": [8, 8], "width": 0}
     registry.create_bank("gates", spec, {"gates.0": [8], "gates.1": [8]}, None,
                          {"scenario": "hopfield"})
     with pytest.raises(ValueError, match=r"'psi' has shape \(2, 4, 4\).* width d=8, so it must "
                                          r"be \(2, 8, 8\)"):
-        registry.write_reservoir("gates", {"psi": np.zeros((2, 4, 4)),
-                                           "pattern_sum": np.zeros((2, 4))})
+        reservoirs.write("gates", {"psi": np.zeros((2, 4, 4)), "pattern_sum": np.zeros((2, 4))})
     with pytest.raises(ValueError, match=r"exactly the arrays \['pattern_sum', 'psi'\]"):
-        registry.write_reservoir("gates", {"psi": np.zeros((2, 8, 8))})
+        reservoirs.write("gates", {"psi": np.zeros((2, 8, 8))})
     with pytest.raises(FileNotFoundError, match="holds no reservoir"):
-        registry.read_reservoir("gates")
-    assert not registry.has_reservoir("gates") and not registry.verify("gates").reservoir
+        reservoirs.read("gates")
+    assert not reservoirs.exists("gates") and not registry.verify("gates").reservoir
     g = np.random.default_rng(0)
     arrays = {"psi": g.standard_normal((2, 8, 8)), "pattern_sum": g.standard_normal((2, 8))}
-    assert registry.write_reservoir("gates", arrays, {"num_stored": 1}) == "written"
-    back, meta = registry.read_reservoir("gates")
+    assert reservoirs.write("gates", arrays, {"num_stored": 1}) == "written"
+    back, meta = reservoirs.read("gates")
     assert meta == {"num_stored": 1}
     for k, a in arrays.items():
         np.testing.assert_array_equal(back[k], a.astype(np.float32))
@@ -192,5 +193,4 @@ def test_registry_reservoir_round_trip_and_checks(tmp_path: Path) -> None:
     assert "reservoir.parquet" in report.reservoir_problem
     registry.create_bank("weights", spec, {"w": [8, 784]}, None, {"scenario": "gg_gn"})
     with pytest.raises(ValueError, match="gated units of one width d"):
-        registry.write_reservoir("weights", {"psi": np.zeros((1, 8, 8)),
-                                             "pattern_sum": np.zeros((1, 8))})
+        reservoirs.write("weights", {"psi": np.zeros((1, 8, 8)), "pattern_sum": np.zeros((1, 8))})
