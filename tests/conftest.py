@@ -52,6 +52,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _note(f"finished {int(exitstatus)}")
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_left_as_found() -> Iterator[None]:
+    """MLFLOW_TRACKING_URI as before each test: `mlflow.set_tracking_uri` writes it into the
+    environment, where later tests (and the servers and Ray heads they start) would inherit a
+    store that is not theirs."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """A real local Ray with this machine's 2 CPUs; jobs reuse it instead of starting their own.

@@ -255,11 +255,14 @@ def _log_and_create(tracker: Tracker, run_id: str, model_name: str, source: Bank
             artifacts["bank"] = str(copy)
         # The input example is one blank row in the served form; MLflow loads the model once
         # to check that it answers it (so a model that cannot serve shows at registration).
+        # A model pinned to the registry (a bank too large to embed) gets none: that load would
+        # read every task file a second time, doubling what publishing a large bank costs.
         # The model is its code file (models-from-code), so nothing is pickled.
         with global_tracking_uri(tracker.tracking_uri), resumed_run(run_id):
             model_info = mlflow.pyfunc.log_model(
                 name="model", python_model=model_code_path(), artifacts=artifacts,
-                signature=signature(spec, defaults), input_example=_input_example(spec),
+                signature=signature(spec, defaults),
+                input_example=_input_example(spec) if bank_file is not None else None,
                 pip_requirements=pip_requirements(), code_paths=code_paths(),
                 metadata={MODEL_JSON_KEY: digest},
             )

@@ -61,7 +61,8 @@ def test_run_lookup_and_evaluate_through_mlflow_server_on_postgres(
         assert champion.version == "1"
 
         capsys.readouterr()
-        assert main(["lookup", f"models:/{NAME}@champion", "--tracking-uri", server.url]) == 0
+        assert main(["lookup", f"models:/{NAME}@champion", "--tracking-uri", server.url,
+                     "--format", "json"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["bank"] == NAME and info["version"] == 1 and info["tasks"] == TASKS
         assert info["aliases"] == ["champion"] and len(info["snapshot"]) == 64

@@ -77,7 +77,7 @@ def test_the_fused_step_with_data_parallel_workers_is_refused_before_anything_is
     capsys.readouterr()
     assert main(["train", str(path), "--set", "train.fused=true"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {path}: train.fused: cannot be true with "
+    assert err == (f"error: {path}: --set 'train.fused=true': train.fused: cannot be true with "
                    "train.data_parallel_workers=2: the data-parallel ranks average score "
                    "gradients, which the fused step never forms, so each rank would train alone; "
                    "set train.fused: false, or train.data_parallel_workers: 1\n")

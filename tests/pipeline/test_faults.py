@@ -341,14 +341,14 @@ def test_an_edited_model_description_is_refused_at_load(
     info = json.loads(model_json.read_text())
     info["input"]["mean"] = [0.9]
     model_json.write_text(json.dumps(info, indent=1))
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         with pytest.raises(ValueError, match=r"model\.json hashes to .* edited after "
                                              r"registration, so the model is refused"):
             mlflow.pyfunc.load_model("models:/probe/1")
     finally:
-        mlflow.set_tracking_uri(previous)
+        # None, not the default it resolved to: that would be left in MLFLOW_TRACKING_URI
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     done = _in_process(capsys, "evaluate", "models:/probe/1", "--tracking-uri", uri)
     assert done.returncode == 2
     assert "models:/probe/1: its model.json hashes to" in _one_error(done)
