@@ -243,12 +243,19 @@ class InferenceEngine:
 
     def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B,) class of each query under its own task's mask (the first num_classes outputs)."""
-        device = _net_device(self.net)
-        out = torch.empty(x.shape[0], dtype=torch.long)
-        self.net.eval()
-        for t in task_ids.unique().tolist():
-            sel = task_ids == t
-            with use_task(self.net, self.bank, int(t)), torch.no_grad():
-                logits = self.net(x[sel].to(device))[:, : self.net.spec.num_classes]
-            out[sel] = logits.argmax(-1).cpu()
-        return out
+        return classify(self.net, self.bank, x, task_ids)
+
+
+def classify(net: SupermaskNet, bank: MaskBank, x: torch.Tensor,
+             task_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) class of each query of `x` under its own task's mask in `bank`: one forward per
+    distinct task, over that task's queries."""
+    device = _net_device(net)
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    net.eval()
+    for t in task_ids.unique().tolist():
+        sel = task_ids == t
+        with use_task(net, bank, int(t)), torch.no_grad():
+            logits = net(x[sel].to(device))[:, : net.spec.num_classes]
+        out[sel] = logits.argmax(-1).cpu()
+    return out

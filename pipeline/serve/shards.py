@@ -32,8 +32,7 @@ from pipeline.builders import worker_net
 from pipeline.registry import BankMismatchError, MaskRegistry, load_bank, read_manifest
 from pipeline.registry.transfer import iter_export
 from supsup.bank import MaskBank, describe_ids
-from supsup.binding import use_task
-from supsup.engine import Factor, Mixture, factor_gradients, query_factors
+from supsup.engine import Factor, Mixture, classify, factor_gradients, query_factors
 from supsup.inference import InferenceResult, _confidence
 from supsup.networks import NetworkSpec
 from supsup.objectives import get_objective
@@ -133,15 +132,7 @@ class BankShard:
 
     def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B,) class of each query under its own task's mask; every task must be this range's."""
-        out = torch.empty(x.shape[0], dtype=torch.long)
-        device = next(iter(self.net.masked_layers().values())).weight.device
-        self.net.eval()
-        for t in task_ids.unique().tolist():
-            sel = task_ids == t
-            with use_task(self.net, self.bank, int(t)), torch.no_grad():
-                logits = self.net(x[sel].to(device))[:, : self.net.spec.num_classes]
-            out[sel] = logits.argmax(-1).cpu()
-        return out
+        return classify(self.net, self.bank, x, task_ids)
 
 
 def packed_bytes(bank: MaskBank) -> int:
