@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from pipeline import commands
+from pipeline import commands, registry_commands
 from pipeline.summaries import Format
 
 log = logging.getLogger("supsup")
@@ -271,7 +271,7 @@ Examples:
 def registry_ls(bank: str | None, root: str, fmt: Format) -> int:
     """List the banks under --root (or only BANK): tasks (as ranges), network, seed and mask
     rule."""
-    return commands.registry_ls(root, bank, fmt)
+    return registry_commands.registry_ls(root, bank, fmt)
 
 
 @registry.command("verify", short_help="Check every file of a bank.", epilog="""\b
@@ -285,7 +285,7 @@ Exit status 0 when every file checks out, 1 otherwise.""")
 def registry_verify(bank: str, root: str, fmt: Format) -> int:
     """Check every file of BANK against its manifest and checksums; the first problems of
     each kind are named (--format json: all of them)."""
-    return commands.registry_verify(root, bank, fmt)
+    return registry_commands.registry_verify(root, bank, fmt)
 
 
 @registry.command("export", short_help="Write a bank into one bank file.", epilog="""\b
@@ -297,7 +297,7 @@ Example:
 @_ROOT
 def registry_export(bank: str, dest: str, root: str) -> int:
     """Write all of BANK, verified, into one bank file that `evaluate` and models can read."""
-    return commands.registry_export(root, bank, dest)
+    return registry_commands.registry_export(root, bank, dest)
 
 
 @registry.command("import", short_help="Read a bank file into the registry.", epilog="""\b
@@ -315,7 +315,7 @@ under the same task id are refused. Importing again is a no-op.""")
 def registry_import(file: str, bank: str | None, root: str, fmt: Format) -> int:
     """Read the bank file FILE (from `supsup registry export`, or a model version's bank file)
     into the mask registry at --root."""
-    return commands.registry_import(root, file, bank, fmt)
+    return registry_commands.registry_import(root, file, bank, fmt)
 
 
 # Click's name for it: `eval "$(_SUPSUP_COMPLETE=bash_source supsup)"` installs completion.
