@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from pipeline import commands, registry_commands
+from pipeline import commands, evaluation_commands, promotion_commands, registry_commands
 from pipeline.summaries import Format
 
 log = logging.getLogger("supsup")
@@ -139,8 +139,8 @@ def evaluate(target: str, promote_if: str | None, alias: str | None, config_path
     """Run task inference on a bank and report accuracy. TARGET is a CONFIG (its bank in the
     mask registry, as stored now) or a model URI models:/NAME@ALIAS or models:/NAME/VERSION
     (exactly the masks that version registered)."""
-    return commands.evaluate(target, config_path, overrides, tracking_uri, address,
-                             promote_if=promote_if, alias=alias, fmt=fmt)
+    return evaluation_commands.evaluate(target, config_path, overrides, tracking_uri, address,
+                                        promote_if=promote_if, alias=alias, fmt=fmt)
 
 
 @cli.command(short_help="Move the promotion alias (champion) to a model version.", epilog="""\b
@@ -160,7 +160,7 @@ def promote(model_uri: str, alias: str | None, tracking_uri: str | None,
             config_path: str | None) -> int:
     """Point the promotion alias at MODEL_URI's version, recording on the version which
     evaluation of it (the newest) backs the promotion."""
-    return commands.promote(model_uri, alias, tracking_uri, config_path)
+    return promotion_commands.promote(model_uri, alias, tracking_uri, config_path)
 
 
 @cli.command(short_help="What a registered model holds, and its lineage.", epilog="""\b

@@ -1,5 +1,7 @@
-"""What each `supsup` command does, with typed arguments; `pipeline.cli` only parses and
-dispatches to these.
+"""What the `supsup` commands that train do (train, run, a baseline or a scenario), and lookup,
+with typed arguments; `pipeline.cli` only parses and dispatches to these. `supsup evaluate` is
+`pipeline.evaluation_commands`, `supsup promote` `pipeline.promotion_commands`, and what every
+command does first (config, tracking URI, Tracker, log file) `pipeline.command_setup`.
 
 A command loads and checks its whole config before anything is written, then opens MLflow runs
 around the jobs: `run` is one parent run whose train, register and evaluate runs are its children.
@@ -7,25 +9,29 @@ around the jobs: `run` is one parent run whose train, register and evaluate runs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.console import Progress, attach_log_file, log_file
+from pipeline.command_setup import (
+    command_run_name,
+    load,
+    log_file_logged,
+    open_tracker,
+    resolve_tracking_uri,
+)
+from pipeline.console import Progress, log_file
+from pipeline.evaluation_commands import do_evaluate, print_evaluation
+from pipeline.promotion_commands import promote_if_met
 from pipeline.summaries import Format
 
 if TYPE_CHECKING:  # annotations only: each command imports the heavy modules it runs
-    from pipeline.bank_source import BankSource
     from pipeline.config import ExperimentConfig
     from pipeline.jobs.evaluate import EvalReport
     from pipeline.jobs.train import TrainSummary
-    from pipeline.tracking.promotion import Promotion
     from pipeline.tracking.runs import Tracker
 
 log = logging.getLogger("supsup")
@@ -34,48 +40,6 @@ log = logging.getLogger("supsup")
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
-
-
-def load(config_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    from pipeline.config import load_config
-
-    return load_config(config_path, list(overrides))
-
-
-def open_tracker(config: ExperimentConfig, address: str | None = None) -> Tracker:
-    """The experiment's Tracker, made only once the whole config and its targets (the Ray
-    cluster to join included) check out (nothing is written before); runs that a killed earlier
-    command left RUNNING are closed. From here on the command's log goes to the run folder's
-    supsup.log."""
-    from pipeline.cluster import check_address
-    from pipeline.paths import check_job_outputs
-    from pipeline.preflight import check_before_side_effects
-    from pipeline.tracking import Tracker
-
-    check_job_outputs(config, config.registry.root)  # `ray job submit` keeps every output
-    check_before_side_effects(config)
-    check_address(config.cluster, address)
-    tracker = Tracker(config.tracking_uri, config.experiment_name)  # checks the server answers
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    attach_log_file(config.run_dir)
-    tracker.close_abandoned_runs()
-    return tracker
-
-
-@contextlib.contextmanager
-def log_file_logged(tracker: Tracker, run_id: str) -> Iterator[None]:
-    """On the way out, success or failure, the command's supsup.log becomes an artifact of
-    `run_id`: its lines (MLflow's and Ray's included) are kept with the run, wherever the
-    command ran (a `ray job submit` entrypoint's folder may be gone later)."""
-    try:
-        yield
-    finally:
-        path = log_file()
-        if path is not None and path.exists():
-            try:
-                tracker.log_artifact(path, run_id=run_id)
-            except Exception:  # noqa: BLE001  (never hides the command's own outcome)
-                log.warning("could not log %s to run %s", path, run_id, exc_info=True)
 
 
 def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) -> TrainSummary:
@@ -165,93 +129,6 @@ def _curve_logger(config: ExperimentConfig, tracker: Tracker
     return on_curve
 
 
-def do_evaluate(config: ExperimentConfig, source: BankSource, address: str | None,
-                tracker: Tracker, tags: dict[str, str] | None = None,
-                model: tuple[str, int] | None = None) -> tuple[EvalReport, dict[str, Path]]:
-    """Evaluate exactly `source` (a BankSource) on the config's tasks; log it to MLflow, and
-    onto `model` (name, version) when the source is a registered version."""
-    from pipeline.builders import data_identity
-    from pipeline.jobs.evaluate import run_evaluation
-    from pipeline.report import write_report
-
-    # Inside `supsup run` the child is "evaluate"; on its own the run says what it evaluated.
-    nested = bool(tracker.open_runs)
-    name = "evaluate" if nested else _run_name(config, "evaluate")
-    with tracker.run(name, tags={"job": "evaluate", "bank": source.bank,
-                                       "snapshot": source.snapshot_sha256,
-                                       **(tags or {})}) as run_id, \
-            (contextlib.nullcontext() if nested else log_file_logged(tracker, run_id)):
-        tracker.log_params({f"evaluate.{k}": str(v)
-                            for k, v in config.evaluate.model_dump().items()})
-        dataset, digest, data_source, profile = data_identity(config)
-        tracker.log_dataset(dataset, digest, data_source, profile, context="evaluation")
-        bar = Progress(f"evaluate {source.bank}")
-        try:
-            report = run_evaluation(config, source, progress=bar, address=address)
-        finally:
-            bar.close()
-        for r in report.tasks:
-            tracker.log_task_metrics(r["task_id"], {
-                k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
-                if r.get(k) is not None})
-        tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
-        tracker.log_metrics(report.continual_metrics())  # average accuracy, forgetting, BWT
-        for name, matrix in report.matrices.items():
-            tracker.log_table(matrix.table(), f"accuracy_matrix_{name}.json")
-        tracker.log_table([{k: v for k, v in r.items() if k != "inferred"} for r in report.tasks],
-                          "tasks.json")
-        for c in report.curve:
-            tracker.log_metrics({"curve_accuracy_gn": c["accuracy_gn"],
-                                 "curve_task_inference_accuracy": c["task_inference_accuracy"]},
-                                step=int(c["tasks_learned"]))
-        if model is not None:
-            from pipeline.tracking import record_evaluation
-
-            record_evaluation(tracker, *model, run_id, report.summary)
-        report.run_id, report.model_version = run_id, (model[1] if model else None)
-        out_dir = config.run_dir / "evaluation"
-        keep_earlier_reports(out_dir)
-        files = write_report(report, out_dir, f"{config.name}: evaluation")
-        for path in files.values():
-            tracker.log_artifact(path, "evaluation")
-    return report, files
-
-
-def keep_earlier_reports(out_dir: Path) -> Path | None:
-    """Move the reports of an earlier evaluation in `out_dir` to `out_dir/earlier/TIME-RUN`, so
-    that the next evaluation never overwrites them; returns where they went (None: none)."""
-    previous = out_dir / "report.json"
-    if not previous.is_file():
-        return None
-    try:
-        old = json.loads(previous.read_text())
-    except (OSError, ValueError):
-        old = {}
-    created = "".join(c for c in str(old.get("created") or "")[:19] if c.isalnum())
-    name = "-".join(p for p in (created, str(old.get("run_id") or "")[:8]) if p) or "unknown"
-    dest = out_dir / "earlier" / name
-    for n in range(1, 1000):
-        if not dest.exists():
-            break
-        dest = out_dir / "earlier" / f"{name}-{n}"
-    dest.mkdir(parents=True)
-    for path in out_dir.iterdir():
-        if path.is_file():
-            path.rename(dest / path.name)
-    log.info("the reports of the earlier evaluation (run %s) are kept in %s",
-             old.get("run_id"), dest)
-    return dest
-
-
-def print_evaluation(report: EvalReport, files: dict[str, Path], fmt: Format = "table",
-                     extra: dict[str, Any] | None = None) -> None:
-    """The summary and the lowest tasks (table), or every task's results and `extra` (json)."""
-    from pipeline.summaries import emit, evaluation_data, evaluation_lines
-
-    emit(evaluation_lines(report, files) if fmt == "table" else None,
-         {**evaluation_data(report, files), **(extra or {})} if fmt == "json" else None, fmt)
-
-
 def do_baseline(config: ExperimentConfig, tracker: Tracker) -> dict[str, Any]:
     """Train and evaluate a baseline (config.model) on the config's tasks; log it to MLflow."""
     from pipeline.builders import tracked_run
@@ -332,7 +209,7 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
     # Ray session for both jobs: evaluation reuses the workers training warmed up.
     from pipeline.config import dump_config
 
-    with tracker.run(_run_name(config, "run"), tags={"job": "run", "bank": config.bank}
+    with tracker.run(command_run_name(config, "run"), tags={"job": "run", "bank": config.bank}
                      ) as parent_id, ray_session(config.cluster, address), \
             log_file_logged(tracker, parent_id):
         tracker.log_params(config.flat_params())
@@ -360,48 +237,6 @@ def run(config_path: str, overrides: tuple[str, ...], address: str | None) -> in
     return 0
 
 
-def _run_name(config: ExperimentConfig, job: str) -> str:
-    from pipeline.tracking.runs import run_name
-
-    t = config.train
-    density = t.density if t.rule == "topk" and t.density is not None else t.rule
-    return run_name(config.name, job, config.tasks.num_tasks, density)
-
-
-def promote_if_met(rule_text: str, model_uri: str, tracking_uri: str, alias: str,
-                   report: EvalReport) -> Promotion | None:
-    """Promote `model_uri` to `alias` when the evaluation `report` meets the rule; says on the
-    terminal which way it went. Returns the Promotion, or None when the rule is not met."""
-    from pipeline.promotion_rule import parse_rule
-    from pipeline.tracking.promotion import promote as promote_version
-
-    rule = parse_rule(rule_text)
-    value = report.summary.get(rule.metric)
-    if not rule.check(report.summary):
-        print(f"not promoted: {rule.metric} {value:.4g} does not meet {rule}; @{alias} is "
-              "unchanged")
-        return None
-    done = promote_version(model_uri, tracking_uri, alias, evaluation_run=report.run_id,
-                           metrics=report.summary, rule=str(rule))
-    print(f"promoted: {rule.metric} {value:.4g} meets {rule}; models:/{done.name}@{alias} -> "
-          f"version {done.version} (was {done.previous or 'unset'})")
-    return done
-
-
-def promote(model_uri: str, alias: str | None, tracking_uri: str | None,
-            config_path: str | None) -> int:
-    """`supsup promote MODEL_URI`: move the promotion alias to the version, named by number."""
-    from pipeline.tracking.promotion import promote as promote_version
-
-    alias = alias or (load(config_path).tracking.alias if config_path else "champion")
-    done = promote_version(model_uri, resolve_tracking_uri(tracking_uri, config_path), alias)
-    evidence = (f"evaluation run {done.evaluation_run}" if done.evaluation_run
-                else "no recorded evaluation")
-    print(f"models:/{done.name}@{alias} -> version {done.version} (was "
-          f"{done.previous or 'unset'}; {evidence})")
-    return 0
-
-
 def _run_description(config: ExperimentConfig, summary: TrainSummary,
                      report: EvalReport) -> str:
     """The parent run's description in the MLflow UI: what was run and what it measured."""
@@ -416,83 +251,6 @@ def _run_description(config: ExperimentConfig, summary: TrainSummary,
             f"({len(summary.trained)} trained now, {len(summary.skipped)} already stored); "
             f"{measured}; model {model}. The child runs train, register and evaluate hold the "
             "details.")
-
-
-def evaluate(target: str, config_path: str | None, overrides: tuple[str, ...],
-             tracking_uri: str | None, address: str | None, promote_if: str | None = None,
-             alias: str | None = None, fmt: Format = "table") -> int:
-    """0 when evaluated (and, with `promote_if`, promoted); 1 when the rule was not met."""
-    from pipeline.config import parse_config
-
-    rule = None
-    if promote_if is not None:
-        from pipeline.promotion_rule import parse_rule
-
-        rule = parse_rule(promote_if)  # a typo fails before anything runs
-        if not target.startswith("models:/"):
-            raise ValueError(f"--promote-if {promote_if!r} promotes a model version: evaluate "
-                             "models:/NAME/VERSION (or models:/NAME@ALIAS) instead of a config")
-    if alias is not None:
-        from pipeline.tracking.model_registry import check_alias
-
-        check_alias(alias)
-    if target.startswith("models:/"):
-        from pipeline.tracking import model_source, run_config_text
-
-        uri = resolve_tracking_uri(tracking_uri, config_path, overrides)
-        with tempfile.TemporaryDirectory(prefix="supsup-evaluate-") as tmp:
-            info, source = model_source(target, uri, tmp)
-            if config_path:
-                config = load(config_path, overrides)
-            else:
-                import yaml
-
-                config = parse_config(yaml.safe_load(run_config_text(info["run_id"], uri)),
-                                      f"{target} (config.yaml of run {info['run_id']})",
-                                      list(overrides))
-            if rule is not None:
-                rule.check_measured(config.evaluate.gn)
-            tags = {"model_uri": target, "model_version": str(info["version"])}
-            report, files = do_evaluate(config, source, address, open_tracker(config, address),
-                                        tags,
-                                        model=(info["name"], int(info["version"])))
-        if rule is None or fmt == "table":
-            print_evaluation(report, files, fmt)
-        if rule is None:
-            return 0
-        pinned = f"models:/{info['name']}/{info['version']}"
-        moved = alias or config.tracking.alias
-        # With --format json the verdict's line goes to stderr: stdout stays one JSON document.
-        with (contextlib.redirect_stdout(sys.stderr) if fmt == "json"
-              else contextlib.nullcontext()):
-            promoted = promote_if_met(promote_if, pinned, uri, moved, report)
-        if fmt == "json":
-            print_evaluation(report, files, fmt, {"promotion": {
-                "rule": promote_if, "alias": moved, "promoted": promoted is not None}})
-        return 0 if promoted is not None else 1
-    from pipeline.registry import MaskRegistry
-
-    config = load(target, overrides)
-    source = MaskRegistry(config.registry.root).source(config.bank)
-    report, files = do_evaluate(config, source, address, open_tracker(config, address))
-    print_evaluation(report, files, fmt)
-    return 0
-
-
-def resolve_tracking_uri(tracking_uri: str | None, config_path: str | None = None,
-                         overrides: tuple[str, ...] = ()) -> str:
-    """--tracking-uri, else the config's, else MLFLOW_TRACKING_URI; an error line otherwise."""
-    import os
-
-    from pipeline.preflight import check_store_exists
-
-    uri = (tracking_uri or (str(load(config_path, overrides).tracking_uri) if config_path
-                            else None) or os.environ.get("MLFLOW_TRACKING_URI"))
-    if uri:
-        check_store_exists(uri, "this command")  # reads only: never creates an empty store
-        return uri
-    raise ValueError("pass --tracking-uri URI (or --config CONFIG, or set MLFLOW_TRACKING_URI) "
-                     "so the model registry can be found")
 
 
 def lookup(model_uri: str, task: int | None, tracking_uri: str | None,

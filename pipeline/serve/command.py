@@ -86,7 +86,7 @@ def cmd_serve(model_uri: str, tracking_uri: str | None, config_path: str | None,
               overrides: tuple[str, ...], address: str | None) -> int:
     """Serve MODEL_URI until interrupted; 0 once stopped."""
     from pipeline.cluster import cluster_address, ray_session
-    from pipeline.commands import resolve_tracking_uri
+    from pipeline.command_setup import resolve_tracking_uri
 
     config = _load_config(config_path, overrides)
     settings: ServeSection = config.serve
