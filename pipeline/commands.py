@@ -9,6 +9,7 @@ around the jobs: `run` is one parent run whose train, register and evaluate runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -51,7 +52,11 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
     from pipeline.publish import publish_bank
     from pipeline.report import plot_training
 
-    with tracked_run(tracker, "train", {"job": "train", "bank": config.bank}, config) as run_id:
+    # On its own (no parent run of `supsup run`), the train run keeps the command's supsup.log:
+    # logged when training ends, and again, complete, once the bank is registered.
+    standalone = not tracker.open_runs
+    with tracked_run(tracker, "train", {"job": "train", "bank": config.bank}, config) as run_id, \
+            (log_file_logged(tracker, run_id) if standalone else contextlib.nullcontext()):
         bar = Progress(f"train {config.bank}")
 
         def on_task(r: dict[str, Any]) -> None:
@@ -77,7 +82,8 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
             if path:
                 tracker.log_artifact(path)
     tags = {"job": "register", "bank": config.bank, "train_run_id": run_id or ""}
-    with tracked_run(tracker, "register", tags, config) as register_id:
+    with tracked_run(tracker, "register", tags, config) as register_id, \
+            (log_file_logged(tracker, run_id) if standalone else contextlib.nullcontext()):
         started = time.perf_counter()
         summary.publication = publish_bank(config, tracker, register_id)
         publish_seconds = time.perf_counter() - started
