@@ -216,6 +216,14 @@ def test_same_command_again_resumes_without_training(trained: Path) -> None:
     before = _bits(registry, "clitest")
     assert main(["train", str(trained / "exp.yaml")]) == 0
     assert _bits(registry, "clitest") == before
+    # on its own, without a parent run, the train run holds the command's log itself
+    client = MlflowClient(config.tracking_uri)
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    (alone,) = [r for r in client.search_runs([experiment.experiment_id])
+                if r.data.tags.get("job") == "train" and "mlflow.parentRunId" not in r.data.tags]
+    assert "supsup.log" in {a.path for a in client.list_artifacts(alone.info.run_id)}
+    local = client.download_artifacts(alone.info.run_id, "supsup.log", str(trained / "alone"))
+    assert "6 tasks of bank 'clitest' are already in the registry" in Path(local).read_text()
 
 
 def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
