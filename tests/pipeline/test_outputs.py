@@ -151,6 +151,10 @@ def test_ray_train_keeps_its_runs_on_shared_storage(tmp_path: Path) -> None:
     assert train_storage(parse_config(raw)) == f"{tmp_path / 'registry'}/.ray_train"
     assert train_storage(parse_config(raw, overrides=["cluster.storage=s3://b/ray"])) == (
         "s3://b/ray")
+    # an S3 root with its endpoint in the query (as pyarrow reads it): the folder goes before it
+    raw["registry"]["root"] = "s3://b/reg/?endpoint_override=10.0.0.5:9000&scheme=http"
+    assert train_storage(parse_config(raw)) == (
+        "s3://b/reg/.ray_train?endpoint_override=10.0.0.5:9000&scheme=http")
     with pytest.raises(ConfigError, match="cluster.storage is empty"):
         parse_config(raw, overrides=["cluster.storage=' '"])
 
