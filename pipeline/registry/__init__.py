@@ -11,7 +11,7 @@ The only pyarrow importer. Split by file and concern, each depending on the ones
 - loading: `load_bank(source)`, the one loader, which checks the content against the source.
 """
 
-from pipeline.registry.loading import load_bank, read_manifest
+from pipeline.registry.loading import check_snapshot, load_bank, read_manifest
 from pipeline.registry.manifest import (
     FORMAT,
     MANIFEST_FILE,
@@ -36,6 +36,7 @@ __all__ = [
     "TaskRecord",
     "VerifyReport",
     "check_matches",
+    "check_snapshot",
     "export_bank",
     "import_file",
     "load_bank",

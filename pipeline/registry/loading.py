@@ -10,7 +10,7 @@ longer holds them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -99,10 +99,18 @@ def load_bank(source: BankSource, device: torch.device | str = "cpu",
     if missing:
         raise BankMismatchError(f"{source.describe()}: {describe_ids(missing)} are not "
                                 "there; the bank file does not hold this content")
+    check_snapshot(source, checks)
+    return out, spec
+
+
+def check_snapshot(source: BankSource, checks: Mapping[int, str],
+                   masks: str = "the masks there") -> None:
+    """BankMismatchError naming the source unless the task checksums read (`checks`, task id ->
+    task_sha256) hash to the source's snapshot; `masks` says where they were read, e.g. "its
+    shards' masks". Whoever loads a source, whole or in ranges, checks it here."""
     snapshot = snapshot_hash(source.manifest_sha256, checks)
     if snapshot != source.snapshot_sha256:
         raise BankMismatchError(
-            f"{source.describe()}: the masks there hash to {snapshot[:12]}; a task was rewritten "
-            "since this snapshot was taken, so it is refused (register or evaluate the bank as it "
-            "is now)")
-    return out, spec
+            f"{source.describe()}: {masks} hash to {snapshot[:12]}; a task was rewritten since "
+            "this snapshot was taken, so it is refused (register or evaluate the bank as it is "
+            "now)")

@@ -53,8 +53,7 @@ def checked_version(model_uri: str, tracking_uri: str, whole: bool = True) -> An
     loading its masks once (`whole`), or, for a bank served by shards, after hashing its tasks'
     checksums without holding the masks: BankMismatchError naming the bank when the registry
     no longer holds the version's snapshot."""
-    from pipeline.bank_source import snapshot_hash
-    from pipeline.registry import BankMismatchError, load_bank, read_manifest
+    from pipeline.registry import check_snapshot, load_bank, read_manifest
     from pipeline.serve.app import ServedVersion
     from pipeline.serve.shards import range_checksums
     from pipeline.tracking.pyfunc import input_normalization
@@ -68,9 +67,7 @@ def checked_version(model_uri: str, tracking_uri: str, whole: bool = True) -> An
         else:
             spec = NetworkSpec.from_dict(read_manifest(source)["network"])
             checks = range_checksums(source, source.task_ids)
-            if snapshot_hash(source.manifest_sha256, checks) != source.snapshot_sha256:
-                raise BankMismatchError(f"{source.describe()}: a task was rewritten since this "
-                                        "snapshot was taken, so it is not served")
+            check_snapshot(source, checks, "its tasks' checksums")
     return ServedVersion(
         model_uri=info["model_uri"], tracking_uri=tracking_uri,
         snapshot=source.snapshot_sha256, tasks=source.num_tasks,

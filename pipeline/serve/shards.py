@@ -29,7 +29,13 @@ from ray.exceptions import RayTaskError
 
 from pipeline.bank_source import BankSource, snapshot_hash
 from pipeline.builders import worker_net
-from pipeline.registry import BankMismatchError, MaskRegistry, load_bank, read_manifest
+from pipeline.registry import (
+    BankMismatchError,
+    MaskRegistry,
+    check_snapshot,
+    load_bank,
+    read_manifest,
+)
 from pipeline.registry.transfer import iter_export
 from supsup.bank import MaskBank, describe_ids
 from supsup.engine import Factor, Mixture, classify, factor_gradients, query_factors
@@ -203,12 +209,7 @@ class ShardedBank:
             checks: dict[int, str] = {}
             for d in described:
                 checks.update({int(t): c for t, c in d["checks"].items()})
-            snapshot = snapshot_hash(source.manifest_sha256, checks)
-            if snapshot != source.snapshot_sha256:
-                raise BankMismatchError(
-                    f"{source.describe()}: its shards' masks hash to {snapshot[:12]}; a task was "
-                    "rewritten since this snapshot was taken, so it is refused (take the bank's "
-                    "source as it is now)")
+            check_snapshot(source, checks, "its shards' masks")
             infos = [ShardInfo(a, tuple(d["task_ids"]), int(d["nbytes"]), int(d["pid"]),
                                str(d["node"])) for a, d in zip(actors, described)]
             return cls(source, infos, spec, objective=objective, device=device, digits=digits,
