@@ -39,6 +39,48 @@ class TaskEvaluation:
         return asdict(self)
 
 
+@dataclass
+class _Tally:
+    """Running counts of one task's evaluation."""
+
+    n: int = 0
+    gg: int = 0
+    gn: int = 0
+    per_example: int = 0
+    right: int = 0
+    inferences: int = 0
+    inferred: dict[int, int] = field(default_factory=dict)
+
+    def result(self, task_id: int, split: str) -> TaskEvaluation:
+        if self.n == 0:
+            raise ValueError(f"task {task_id} has no {split} examples to evaluate")
+        return TaskEvaluation(task_id, self.n, self.gg / self.n, self.gn / self.n,
+                              self.per_example / self.n, self.right / self.inferences,
+                              self.inferences, dict(self.inferred))
+
+    def count_gn(self, task_id: int, chosen: torch.Tensor, hit: torch.Tensor,
+                 by_example: bool) -> None:
+        """Count one batch of task `task_id` predicted with the inferred masks: `hit` (batch,)
+        whether each prediction was right, `chosen` the inferred task ids. `by_example`: each
+        inference counts on its own; otherwise `chosen[0]` was inferred for the whole batch,
+        which counts as entirely wrong when it is not `task_id` (the paper's GN)."""
+        self.per_example += int(hit.sum())
+        if by_example:
+            ok = chosen == task_id
+            self.gn += int((hit & ok).sum())
+            self.right += int(ok.sum())
+            self.inferences += hit.numel()
+            for t, c in zip(*chosen.unique(return_counts=True)):
+                self.inferred[int(t)] = self.inferred.get(int(t), 0) + int(c)
+            return
+        task = int(chosen[0])
+        ok_batch = task == task_id
+        self.gn += int(hit.sum()) if ok_batch else 0
+        self.right += int(ok_batch)
+        self.inferences += 1
+        self.inferred[task] = self.inferred.get(task, 0) + 1
+
+
 def _predict(net: SupermaskNet, bank: MaskBank, task_id: int, x: torch.Tensor,
              num_classes: int) -> torch.Tensor:
     device = next(iter(net.masked_layers().values())).weight.device
@@ -68,15 +110,14 @@ def evaluate_task(
     """
     bank.row(task_id)
     net.eval()
-    n = correct_gg = correct_gn = correct_ex = right_task = inferences = 0
-    inferred: dict[int, int] = {}
+    tally = _Tally()
     for i, (x, y) in enumerate(tasks.eval_batches(task_id, split, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         y = y.cpu()  # labels compared on the host; x stays where the tasks keep their data
         pred = _predict(net, bank, task_id, x, tasks.num_classes)
-        correct_gg += int((pred == y).sum())
-        n += y.numel()
+        tally.gg += int((pred == y).sum())
+        tally.n += y.numel()
         if not gn:
             continue
         result = infer_task(net, bank, x, method=method, objective=objective, mode=mode,
@@ -87,29 +128,12 @@ def evaluate_task(
             sel = chosen == t
             gn_pred[sel] = pred[sel] if t == task_id else _predict(
                 net, bank, t, x[sel], tasks.num_classes)
-        hit = gn_pred == y
-        correct_ex += int(hit.sum())
-        if mode == "per_example":
-            ok = chosen == task_id
-            correct_gn += int((hit & ok).sum())
-            right_task += int(ok.sum())
-            inferences += y.numel()
-            for t, c in zip(*chosen.unique(return_counts=True)):
-                inferred[int(t)] = inferred.get(int(t), 0) + int(c)
-        else:
-            ok = int(chosen[0]) == task_id
-            correct_gn += int(hit.sum()) if ok else 0
-            right_task += int(ok)
-            inferences += 1
-            inferred[int(chosen[0])] = inferred.get(int(chosen[0]), 0) + 1
-    if n == 0:
+        tally.count_gn(task_id, chosen, gn_pred == y, by_example=mode == "per_example")
+    if tally.n == 0:
         raise ValueError(f"task {task_id} has no {split} examples to evaluate")
     if not gn:
-        return TaskEvaluation(task_id, n, correct_gg / n)
-    return TaskEvaluation(
-        task_id, n, correct_gg / n, correct_gn / n, correct_ex / n,
-        right_task / inferences, inferences, inferred,
-    )
+        return TaskEvaluation(task_id, tally.n, tally.gg / tally.n)
+    return tally.result(task_id, split)
 
 
 class GroupEngine(Protocol):
@@ -121,26 +145,6 @@ class GroupEngine(Protocol):
 
 
 _PREDICT_CHUNK = 8  # test batches classified by one forward pass with the task's own mask
-
-
-@dataclass
-class _Tally:
-    """Running counts of one task's evaluation."""
-
-    n: int = 0
-    gg: int = 0
-    gn: int = 0
-    per_example: int = 0
-    right: int = 0
-    inferences: int = 0
-    inferred: dict[int, int] = field(default_factory=dict)
-
-    def result(self, task_id: int, split: str) -> TaskEvaluation:
-        if self.n == 0:
-            raise ValueError(f"task {task_id} has no {split} examples to evaluate")
-        return TaskEvaluation(task_id, self.n, self.gg / self.n, self.gn / self.n,
-                              self.per_example / self.n, self.right / self.inferences,
-                              self.inferences, dict(self.inferred))
 
 
 @dataclass
@@ -250,31 +254,19 @@ def _score(predict: Callable[[int, torch.Tensor], torch.Tensor], tasks: TaskSet,
     """Count one batch's GN results from the tasks its queries were given."""
     if chosen.numel() == 1:  # one image decides the whole batch
         task = int(chosen[0])
-        ok = task == p.task_id
-        if ok:
+        if task == p.task_id:
             gn_pred = p.pred
         else:  # rare: the batch again, classified with the mask it was given
             pos = torch.arange(p.start, p.start + p.y.numel(), device=tasks.device)
             gn_pred = predict(task, tasks.get(p.task_id, split, pos)[0])
-        hit = gn_pred == p.y
-        tally.per_example += int(hit.sum())
-        tally.gn += int(hit.sum()) if ok else 0
-        tally.right += int(ok)
-        tally.inferences += 1
-        tally.inferred[task] = tally.inferred.get(task, 0) + 1
+        tally.count_gn(p.task_id, chosen, gn_pred == p.y, by_example=False)
         return
     gn_pred = p.pred.clone()
     for t in chosen.unique().tolist():
         if t != p.task_id:
             sel = chosen == t
             gn_pred[sel] = predict(int(t), p.queries[sel])
-    hit, ok = gn_pred == p.y, chosen == p.task_id
-    tally.per_example += int(hit.sum())
-    tally.gn += int((hit & ok).sum())
-    tally.right += int(ok.sum())
-    tally.inferences += p.y.numel()
-    for t, c in zip(*chosen.unique(return_counts=True)):
-        tally.inferred[int(t)] = tally.inferred.get(int(t), 0) + int(c)
+    tally.count_gn(p.task_id, chosen, gn_pred == p.y, by_example=True)
 
 
 def evaluate_tasks(
