@@ -195,6 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
     import ray.train.torch
+    import ray.util
     import torch.distributed as dist
 
     from supsup.masks import pack_bits
@@ -227,6 +228,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     checksums: list[str] = [""] * world_size
     dist.all_gather_object(checksums, scores_checksum(scores))
+    node_ips: list[str] = [""] * world_size  # where each rank ran, rank order: kept with the task
+    dist.all_gather_object(node_ips, ray.util.get_node_ip_address())
     if len(set(checksums)) != 1:
         raise RuntimeError(f"task {task_id}: the {world_size} data-parallel ranks ended with "
                            f"different scores (checksums {checksums}); the gradient averaging "
@@ -240,7 +243,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "task_id": task_id, "train_accuracy": accuracy, "train_loss": loss,
         "density": result.density[task_id], "seconds": seconds, "steps": steps,
         "workers": world_size, "effective_batch_size": world_size * base.batch_size,
-        "bn_rank_spread": spread, "score_checksums": checksums,
+        "bn_rank_spread": spread, "score_checksums": checksums, "node_ips": node_ips,
     }
     if rank == 0:
         masks, stats = scores.export()[task_id]
@@ -251,17 +254,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
                              config.mask_info(), config.train_recipe())
         meta = {k: metrics[k] for k in ("train_accuracy", "train_loss", "density", "seconds",
-                                        "steps", "workers", "effective_batch_size")}
+                                        "steps", "workers", "effective_batch_size",
+                                        "node_ips")}
         metrics["status"] = registry.write_task(config.bank, task_id, packed, bn, metadata=meta)
     _report(metrics, rank)
 
 
 # ---------------------------------------------------------------------------- driver side
+def under(root: str, name: str) -> str:
+    """`name` under a folder or URI; a URI's query (an S3 root's `?endpoint_override=...&scheme=`
+    settings, read by pyarrow as the registry reads them) stays at the end, where it belongs."""
+    base, mark, query = root.partition("?") if "://" in root else (root, "", "")
+    return f"{base.rstrip('/')}/{name}{mark}{query}"
+
+
 def train_storage(config: ExperimentConfig) -> str:
     """Where Ray Train keeps its runs: `cluster.storage`, else `.ray_train` under the mask
     registry's root (shared by every node whenever training can run; never a bank's name). Not
-    the run folder, which is the driver's disk alone."""
-    return config.cluster.storage or f"{config.registry.root}/.ray_train"
+    the run folder, which is the driver's disk alone.
+
+    Ray Train resolves the URI with pyarrow (`FileSystem.from_uri`) on the driver, as the registry
+    does, and sends the resolved file system to its workers: an S3 endpoint given in the URI's
+    query or in AWS_ENDPOINT_URL, and credentials from the standard AWS variables, reach them
+    the way they reach the registry."""
+    return config.cluster.storage or under(config.registry.root, ".ray_train")
 
 
 def train_task_distributed(config: ExperimentConfig, task_id: int, *,
@@ -269,8 +285,9 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
     """Train task `task_id` with `train.data_parallel_workers` Ray Train workers.
 
     Returns rank 0's metrics: task_id, status ("written" or "unchanged"), train_accuracy,
-    train_loss, density, seconds, steps, workers, effective_batch_size, bn_rank_spread and
-    score_checksums (one per rank, all equal). Ray Train's record of the run (the metrics
+    train_loss, density, seconds, steps, workers, effective_batch_size, bn_rank_spread,
+    score_checksums (one per rank, all equal) and node_ips (the node of each rank, also in the
+    task's registry metadata and the log). Ray Train's record of the run (the metrics
     checkpoint) goes to shared storage, `train_storage(config)`: on a multi-node cluster Ray
     Train needs a folder every node sees (or a URI) to checkpoint.
     """
@@ -309,5 +326,7 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
                 "kept; rerun the same command to resume.") from err
     if result.metrics is None:
         raise RuntimeError(f"data-parallel training of task {task_id} reported no metrics; see "
-                           f"Ray Train's run folder {storage}/{name}")
+                           f"Ray Train's run folder {under(storage, name)}")
+    log.info("task %d: ranks ran on %s; Ray Train's run folder is %s", task_id,
+             ", ".join(result.metrics.get("node_ips", [])), under(storage, name))
     return dict(result.metrics)

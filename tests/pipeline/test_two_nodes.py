@@ -4,6 +4,9 @@ The test process owns the bridge (10.213.N.254, where its S3 server listens); ho
 runs the Ray head and the driver (`supsup train`, which joins through RAY_ADDRESS), host B
 (10.213.N.2) runs a worker node. Every address exists only on links this test creates, and all of
 it is removed at the end. Needs root and iproute2; skipped elsewhere.
+
+Task groups spread over both nodes; data-parallel training (Ray Train) puts one rank on each node
+and checkpoints to S3; an unshared registry folder is refused; a killed node is survived.
 """
 
 from __future__ import annotations
@@ -56,13 +59,18 @@ class Hosts:
         _sh("ip", "link", "set", "lo", "up")
         for host, ns in self.names.items():
             _sh("ip", "netns", "add", ns)
-            outer, inner = f"v{host}{self.net.split('.')[-1]}", f"v{host}in"
+            outer, inner = f"v{host}{self.net.split('.')[-1]}", self.link(host)
             _sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
             _sh("ip", "link", "set", outer, "master", self.bridge)
             _sh("ip", "link", "set", outer, "up")
             _sh("ip", "-n", ns, "addr", "add", f"{self.ip[host]}/24", "dev", inner)
             _sh("ip", "-n", ns, "link", "set", inner, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    @staticmethod
+    def link(host: str) -> str:
+        """The name of host's network interface, inside its namespace."""
+        return f"v{host}in"
 
     def start(self, host: str, args: list[str], env: dict[str, str],
               log: Path) -> subprocess.Popen[bytes]:
@@ -137,9 +145,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                   "--block"]
         head_tmp = tempfile.mkdtemp(prefix="rta", dir="/tmp")  # socket paths must stay short
         worker_tmp = tempfile.mkdtemp(prefix="rtb", dir="/tmp")
+        # Here the host name resolves to 127.0.0.1, where torch's gloo would bind and the other
+        # host cannot reach it: each host names its link, as on machines without a DNS entry.
         hosts.start("a", [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}",
                           f"--node-ip-address={hosts.ip['a']}", "--include-dashboard=false",
-                          f"--temp-dir={head_tmp}", *common], env, tmp / "head.log")
+                          f"--temp-dir={head_tmp}", *common],
+                    {**env, "GLOO_SOCKET_IFNAME": hosts.link("a")}, tmp / "head.log")
         address = f"{hosts.ip['a']}:{port}"
         time.sleep(3)
         # Host B has its own disk at `private`: a tmpfs over that folder in B's mount namespace,
@@ -150,8 +161,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                           f"--node-ip-address={hosts.ip['b']}", f"--temp-dir={worker_tmp}",
                           *common])
         hosts.start("b", ["unshare", "--mount", "sh", "-c",
-                          f"mount -t tmpfs tmpfs {private} && exec {ray_b}"], env,
-                    tmp / "worker.log")
+                          f"mount -t tmpfs tmpfs {private} && exec {ray_b}"],
+                    {**env, "GLOO_SOCKET_IFNAME": hosts.link("b")}, tmp / "worker.log")
         check = ("import ray, time\nray.init()\nfor _ in range(360):\n"
                  "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n"
                  "    time.sleep(0.5)\nprint(sum(n['Alive'] for n in ray.nodes()))\n")
@@ -228,6 +239,51 @@ def test_groups_run_on_both_nodes_and_match_one_node_bit_for_bit(
 
 
 # Runs before the node kill below, while host B is still in the cluster.
+def test_data_parallel_ranks_on_both_nodes_checkpoint_to_shared_storage(
+        cluster: dict[str, Any]) -> None:
+    """`train.data_parallel_workers: 2` on two 1-CPU nodes: Ray Train must put one rank on each
+    host, and its run folder goes to `cluster.storage`, an S3 URI whose endpoint is given in its
+    query (as pyarrow reads it), not only through AWS_ENDPOINT_URL."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    endpoint = cluster["env"]["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    config = _config(cluster["tmp"], "dataparallel", num_tasks=1, steps=10)
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["data_parallel_workers"] = 2
+    raw["cluster"]["storage"] = f"s3://{BUCKET}/ray-train?endpoint_override={endpoint}&scheme=http"
+    config.write_text(yaml.safe_dump(raw))
+    driver = _train(cluster, config)
+    log = cluster["tmp"] / "dataparallel.log"
+    assert driver.wait(timeout=600) == 0, log.read_text()[-3000:]
+    registry = MaskRegistry(cluster["root"])
+    assert registry.tasks("dataparallel") == [0] and registry.verify("dataparallel").all_ok
+    both = sorted([cluster["hosts"].ip["a"], cluster["hosts"].ip["b"]])
+    assert sorted(registry.read_task("dataparallel", 0).metadata["node_ips"]) == both
+    # Ray Train's run folder, with rank 0's checkpoint, is on S3 under cluster.storage
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+        Bucket=BUCKET, Prefix="ray-train/").get("Contents", [])]
+    (checkpoint,) = [k for k in keys if k.startswith("ray-train/dataparallel-task-0000000-")
+                     and k.endswith("/metrics.json") and "/checkpoint_" in k]
+    reported = json.loads(boto3.client("s3").get_object(
+        Bucket=BUCKET, Key=checkpoint)["Body"].read())
+    assert reported["task_id"] == 0 and reported["workers"] == 2
+    assert sorted(reported["node_ips"]) == both
+    assert len(set(reported["score_checksums"])) == 1  # both ranks ended with the same scores
+    run_folder = checkpoint.split("/checkpoint_")[0]
+    assert any(k.startswith(f"{run_folder}/") and "/checkpoint_" not in k for k in keys), keys
+    # the driver says where the ranks ran, and keeps its log with the (parentless) train run
+    loaded = load_config(config)
+    said = [line for line in (loaded.run_dir / "supsup.log").read_text().splitlines()
+            if "ranks ran on" in line]
+    assert said and all(ip in said[0] for ip in both), said
+    client = MlflowClient(loaded.tracking_uri)
+    experiment = client.get_experiment_by_name(loaded.experiment_name)
+    (train_run,) = [r for r in client.search_runs([experiment.experiment_id])
+                    if r.data.tags.get("job") == "train"]
+    assert "supsup.log" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
+
+
 def test_a_registry_folder_that_a_node_does_not_share_is_refused_before_training(
         cluster: dict[str, Any]) -> None:
     config = _config(cluster["tmp"], "unshared", num_tasks=4, steps=20,
