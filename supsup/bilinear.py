@@ -103,11 +103,125 @@ def is_signed_constant(weight: torch.Tensor) -> bool:
     return c > 0 and math.isfinite(c) and bool((a == c).all())
 
 
-def task_block(small: int, large: int, batch: int, digits: int, budget_bytes: int) -> int:
+def task_block(small: int, large: int, columns: int, budget_bytes: int) -> int:
     """Tasks per block so the block's int8 masks, gather indices and its int32 sums and their
-    float copy, (tasks, small, digits, batch), fit in `budget_bytes`."""
-    per_task = 3 * small * large + small * large // 8 * 8 + small * digits * batch * 8
+    float copy, (tasks, small, columns), fit in `budget_bytes`."""
+    per_task = 3 * small * large + small * large // 8 * 8 + small * columns * 8
     return max(1, budget_bytes // per_task)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """The larger side of a block of queries in int8 columns, and how each query reads them.
+
+    Digits: column d * B + b holds digit d of query b, worth 256**d * unit_b. An 8-bit grid
+    (`integer_grid`): column b holds q_b, worth unit_b, and one last column of ones gives each
+    task's row sums, worth offset_b to every query."""
+
+    ints: torch.Tensor  # (large, columns) int8
+    unit: torch.Tensor  # (B,) float64
+    digits: int
+    offset: torch.Tensor | None  # (B,) float64 on a grid, else None
+
+    @property
+    def columns(self) -> int:
+        return int(self.ints.shape[1])
+
+
+def integer_grid(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor] | None:
+    """Rows of 8-bit data, however normalised (pixels: (p / 255 - mean) / std), in one int8
+    digit exactly: values[b] = offset_b + unit_b * q_b with integer q in [-128, 127].
+
+    Returns (q (m, B) int8, unit (B,), offset (B,)) when every row is within a quarter of its
+    `digits` fixed-point step of such a grid (so `rounding_bound` holds either way), else None.
+    The step divides the smallest gap between a row's distinct values: the gap over m for the
+    smallest m = 1, 2, ... that puts every value of the row on the grid (within 255 steps), then
+    refined to the row's range over its number of steps."""
+    v = values.to(torch.float64)
+    lo, hi = v.amin(1), v.amax(1)
+    span = hi - lo
+    gaps = v.sort(1).values.diff(1)
+    gap = torch.where(gaps > span[:, None] * 1e-9, gaps, torch.inf).amin(1)
+    gap = torch.where(span > 0, gap, torch.ones_like(gap))  # constant rows: any step
+    tolerance = _step(values, digits) / 4
+    unit = torch.full_like(span, torch.nan)
+    for m in range(1, 256):
+        todo = unit.isnan()
+        if not bool(todo.any()):
+            break
+        step = gap / m
+        if bool((span[todo] / step[todo] > 255.5).any()):
+            return None  # a row the grid cannot hold in 256 levels
+        p = torch.round((v - lo[:, None]) / step[:, None])
+        error = (v - (lo[:, None] + step[:, None] * p)).abs().amax(1)
+        unit = torch.where(todo & (error <= tolerance), step, unit)
+    if bool(unit.isnan().any()):
+        return None
+    levels = torch.round(span / unit)
+    unit = torch.where(levels > 0, span / levels.clamp(min=1), unit)  # the step over the range
+    p = torch.round((v - lo[:, None]) / unit[:, None])
+    return (p - 128).to(torch.int8).T.contiguous(), unit, lo + 128 * unit
+
+
+def integer_operand(values: torch.Tensor, digits: int) -> Operand:
+    """(B, m) factor -> its `Operand`: one exact digit on an 8-bit grid (a network's input
+    pixels), else `digits` fixed-point digits."""
+    grid = integer_grid(values, digits)
+    if grid is not None:
+        q, unit, offset = grid
+        ones = torch.ones(q.shape[0], 1, dtype=torch.int8, device=q.device)
+        return Operand(torch.cat([q, ones], 1), unit, 1, offset)
+    ints, unit = fixed_point_digits(values, digits)
+    return Operand(ints.contiguous(), unit, digits, None)
+
+
+class _Unpacker:
+    """Packed mask rows of one layer -> A_i = M_i * sign(W) in int8, in the kernel's layout:
+    (tasks, out, in), or (tasks, in, out) when the product contracts over out (out > in)."""
+
+    def __init__(self, weight: torch.Tensor, height: int, device: torch.device) -> None:
+        self.out_f, self.in_f = weight.shape
+        self.transpose = self.out_f > self.in_f
+        self.table = _signed_bit_table(device)
+        self.signs = sign_bytes(weight).to(device)
+        nbytes = self.signs.numel()
+        self.index = torch.empty(height, nbytes, dtype=torch.int64, device=device)
+        self.masks = torch.empty(height, nbytes, dtype=torch.int64, device=device)  # 8 int8 each
+        self.turned = (torch.empty(height, self.in_f, self.out_f, dtype=torch.int8,
+                                   device=device) if self.transpose else None)
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * self.index.numel() + (0 if self.turned is None else self.turned.numel())
+
+    def __call__(self, src: torch.Tensor) -> torch.Tensor:
+        """(h, small * large) int8 view of the block's A, valid until the next call."""
+        h = src.shape[0]
+        idx = self.index[:h]
+        torch.add(self.signs, src, out=idx)  # one pass: the uint8 bytes promote into int64
+        torch.take(self.table, idx, out=self.masks[:h])
+        n = self.out_f * self.in_f
+        a = self.masks[:h].view(torch.int8).view(h, -1)[:, :n]
+        a = a.reshape(h, self.out_f, self.in_f)  # a copy only when the bits end mid-byte
+        if self.turned is not None:
+            a = self.turned[:h].copy_(a.transpose(1, 2))
+        return a.reshape(h, n)
+
+
+def signed_masks(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch.Tensor,
+                 *, block: int = 64) -> torch.Tensor:
+    """(k, out * in) int8 A_i of the bank's `rows` (every row when None) in the kernel's layout,
+    unpacked once: `linear_alpha_gradients(resident=...)` then reads them instead of the bits
+    (8x the packed bytes, for a process that answers many passes, e.g. a served model)."""
+    k = packed.shape[0] if rows is None else rows.numel()
+    out_f, in_f = weight.shape
+    unpack = _Unpacker(weight, min(k, block), packed.device)
+    out = torch.empty(k, out_f * in_f, dtype=torch.int8, device=packed.device)
+    for r0 in range(0, k, block):
+        r1 = min(k, r0 + block)
+        out[r0:r1] = unpack(packed[r0:r1] if rows is None else packed[rows[r0:r1]])
+    return out
 
 
 def linear_alpha_gradients(
@@ -120,6 +234,7 @@ def linear_alpha_gradients(
     budget_bytes: int = 16 << 20,
     on_block: Callable[[int], None] | None = None,
     integer: bool | None = None,
+    resident: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, k) float32 dH_b/dalpha_i = g_b^T (M_i * W) x_b for the bank's `rows` (every row when
     None) of one linear layer: `packed` (K, nbytes) rows of (out, in) masks, `weight` (out, in)
@@ -128,61 +243,58 @@ def linear_alpha_gradients(
     Tasks go in blocks whose buffers stay within `budget_bytes` whatever the batch (callers bound
     the batch too); `on_block(nbytes)`, when given, is told the bytes the buffers hold.
     `integer` (default: on a CPU) picks the int8 product; else the same blocks multiply float32
-    masks by the float32 factors (GPUs, whose int8 product wants other shapes).
+    masks by the float32 factors (GPUs, whose int8 product wants other shapes). `resident`, the
+    rows' `signed_masks`, replaces the unpacking of each pass (`packed` and `rows` unused).
     """
     if integer is None:
         integer = packed.device.type == "cpu"
     if not integer:
         return _linear_float(packed, rows, weight, factors, budget_bytes, on_block)
     out_f, in_f = weight.shape
-    n = out_f * in_f
     device = packed.device
-    k = packed.shape[0] if rows is None else rows.numel()
+    k = (packed.shape[0] if rows is None else rows.numel()) if resident is None \
+        else resident.shape[0]
     batch = factors.x.shape[0]
     x = factors.x.reshape(batch, in_f)
     g = factors.g.reshape(batch, out_f)
     transpose = out_f > in_f  # contract over out: A_i^T (in, out) times the digits of g
     fixed, other = (g, x) if transpose else (x, g)
     small, large = other.shape[1], fixed.shape[1]
-    operand, unit = fixed_point_digits(fixed, digits)  # (large, D*B), (B,)
-    operand = operand.contiguous()
+    op = integer_operand(fixed, digits)
+    digits = op.digits
     place = torch.tensor([256.0**d for d in range(digits)], dtype=torch.float64, device=device)
     scale = float(weight.abs().reshape(-1)[0])
-    # weight of digit d of query b at position s of the smaller side: 256**d step_b c other_b[s]
-    wt = (place[None, :, None] * (unit * scale)[None, None, :]
-          * other.to(torch.float64).T[:, None, :]).to(torch.float32)  # (small, D, B)
-    wt = wt.reshape(small * digits, batch)
-    table = _signed_bit_table(device)
-    signs = sign_bytes(weight).to(device)
-    nbytes = packed.shape[1]
-    height = min(k, task_block(small, large, batch, digits, budget_bytes))
-    index = torch.empty(height, nbytes, dtype=torch.int64, device=device)
-    masks = torch.empty(height, nbytes, dtype=torch.int64, device=device)  # 8 int8 per int64
-    turned = (torch.empty(height, in_f, out_f, dtype=torch.int8, device=device)
-              if transpose else None)
-    sums = torch.empty(height * small, digits * batch, dtype=torch.int32, device=device)
-    floats = torch.empty(height, small * digits, batch, dtype=torch.float32, device=device)
+    other64 = other.to(torch.float64).T  # (small, B)
+    # weight of digit d of query b at position s of the smaller side: 256**d unit_b c other_b[s]
+    wt = (place[None, :, None] * (op.unit * scale)[None, None, :]
+          * other64[:, None, :]).to(torch.float32)  # (small, D, B)
+    # on a grid, each task's row sums (the ones column) weigh offset_b c other_b[s]
+    shift = (None if op.offset is None
+             else (other64 * (op.offset * scale)[None, :]).to(torch.float32))  # (small, B)
+    height = min(k, task_block(small, large, op.columns, budget_bytes))
+    unpack = None if resident is not None else _Unpacker(weight, height, device)
+    sums = torch.empty(height * small, op.columns, dtype=torch.int32, device=device)
+    floats = torch.empty(height, small, digits, batch, dtype=torch.float32, device=device)
     result = torch.empty(k, batch, dtype=torch.float32, device=device)
     if on_block is not None:
-        on_block(16 * index.numel() + (0 if turned is None else turned.numel())
-                 + 4 * sums.numel() + 4 * floats.numel() + operand.numel())
+        on_block((0 if unpack is None else unpack.nbytes) + 4 * sums.numel()
+                 + 4 * floats.numel() + op.ints.numel())
     for r0 in range(0, k, height):
         r1 = min(k, r0 + height)
         h = r1 - r0
-        src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
-        idx = index[:h]
-        torch.add(signs, src, out=idx)  # one pass: the uint8 bytes promote into int64
-        torch.take(table, idx, out=masks[:h])
-        a = masks[:h].view(torch.int8).view(h, nbytes * 8)[:, :n]
-        a = a.reshape(h, out_f, in_f)  # a copy only when the layer's bits end mid-byte
-        if turned is not None:
-            a = turned[:h].copy_(a.transpose(1, 2))
+        if unpack is None:
+            a = resident[r0:r1]  # type: ignore[index]
+        else:
+            a = unpack(packed[r0:r1] if rows is None else packed[rows[r0:r1]])
         y = sums[: h * small]
-        torch._int_mm(a.reshape(h * small, large), operand, out=y)
+        torch._int_mm(a.reshape(h * small, large), op.ints, out=y)
         # integers of at most `large` * 128 in magnitude: exact in float32 up to 2**17 inputs
+        y = y.view(h, small, op.columns)
         yf = floats[:h]
-        yf.copy_(y.view(h, small * digits, batch)).mul_(wt)
-        torch.sum(yf, 1, out=result[r0:r1])
+        yf.copy_(y[:, :, : digits * batch].view(h, small, digits, batch)).mul_(wt)
+        torch.sum(yf.view(h, small * digits, batch), 1, out=result[r0:r1])
+        if shift is not None:
+            result[r0:r1].addmm_(y[:, :, -1].to(torch.float32), shift)
     return result.T.contiguous()
 
 

@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from supsup.bank import MaskBank
-from supsup.bilinear import LinearFactors, is_signed_constant, linear_alpha_gradients
+from supsup.bilinear import (
+    LinearFactors,
+    is_signed_constant,
+    linear_alpha_gradients,
+    signed_masks,
+)
 from supsup.binding import bind, use_task
 from supsup.inference import InferenceResult, _confidence, _MixtureBinding, alpha_gradients
 from supsup.layers import MaskedConv2d, MaskedLayer, MaskedLinear
@@ -128,9 +133,10 @@ def _factor(layer: MaskedLayer, x: torch.Tensor, g: torch.Tensor) -> Factor:
 
 def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
                      factors: dict[str, Factor], *, digits: int = 2,
-                     budget_bytes: int = 16 << 20, peak: list[int] | None = None
-                     ) -> torch.Tensor:
-    """(B, len(rows)) dObj_b/dalpha_i from per-query factors: one pass over the bank's rows."""
+                     budget_bytes: int = 16 << 20, peak: list[int] | None = None,
+                     resident: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, len(rows)) dObj_b/dalpha_i from per-query factors: one pass over the bank's rows.
+    `resident` holds layers' `signed_masks` of these rows, read instead of unpacking the bits."""
     layers = net.masked_layers()
     indexed = bank._indexed(rows)  # None: every row in bank order, read without indexing
     total: torch.Tensor | None = None
@@ -144,13 +150,28 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
             weight = layers[key].weight.to(bank.device)
             part = linear_alpha_gradients(bank.packed(key), indexed, weight, f.to(bank.device),
                                           digits=digits, budget_bytes=budget_bytes,
-                                          on_block=note)
+                                          on_block=note, resident=(resident or {}).get(key))
         else:
             note(f.numel() * f.element_size())
             part = bank.alpha_gradient_batched(key, rows, f.to(bank.device))
         total = part if total is None else total + part
     assert total is not None
     return total
+
+
+def _resident_masks(net: SupermaskNet, bank: MaskBank, rows: torch.Tensor,
+                    budget: int) -> dict[str, torch.Tensor]:
+    """Every int8-kernel layer's `signed_masks` of `rows`, if all of them fit in `budget` bytes."""
+    if bank.device.type != "cpu":
+        return {}  # devices without the int8 kernel multiply float32 blocks
+    layers = {key: layer for key, layer in net.masked_layers().items()
+              if isinstance(layer, MaskedLinear) and is_signed_constant(layer.weight)}
+    need = sum(rows.numel() * layer.weight.numel() for layer in layers.values())
+    if not layers or need > budget:
+        return {}
+    indexed = bank._indexed(rows)
+    return {key: signed_masks(bank.packed(key), indexed, layer.weight.to(bank.device))
+            for key, layer in layers.items()}
 
 
 class InferenceEngine:
@@ -160,11 +181,17 @@ class InferenceEngine:
     task blocks keep every buffer within `budget_bytes` (linear layers), and convolutions hold
     per-example gradients of at most `block_queries` queries at once, so memory is bounded for
     any batch size. `peak_block_bytes` records the largest set of buffers a pass held.
+
+    `resident_bytes`: when the candidates' masks of every linear layer, unpacked to int8 (8x
+    their packed bytes), fit in it, they are unpacked once here and each pass reads them instead
+    of unpacking the bits again (for processes answering many passes: served models, evaluation
+    workers); `resident_nbytes` says what they hold. 0 keeps only the packed bank.
     """
 
     def __init__(self, net: SupermaskNet, bank: MaskBank, *, objective: str = "entropy",
                  task_ids: Sequence[int] | None = None, digits: int = 2,
-                 block_queries: int = 256, budget_bytes: int = 16 << 20) -> None:
+                 block_queries: int = 256, budget_bytes: int = 16 << 20,
+                 resident_bytes: int = 0) -> None:
         if bank.num_tasks == 0:
             raise ValueError("the mask bank is empty: learn or load at least one task first")
         device = _net_device(net)
@@ -183,6 +210,11 @@ class InferenceEngine:
         self.candidates = torch.tensor([bank.task_ids[r] for r in self.rows.tolist()])
         self.mixture = Mixture.of(bank, self.rows)
         self.peak_block_bytes = 0
+        self.resident = _resident_masks(net, bank, self.rows, resident_bytes)
+
+    @property
+    def resident_nbytes(self) -> int:
+        return sum(t.numel() for t in self.resident.values())
 
     @property
     def num_tasks(self) -> int:
@@ -203,7 +235,7 @@ class InferenceEngine:
             peak = [0]
             out.append(factor_gradients(self.bank, self.rows, self.net, factors,
                                         digits=self.digits, budget_bytes=self.budget_bytes,
-                                        peak=peak).cpu())
+                                        peak=peak, resident=self.resident).cpu())
             factor_bytes = sum(f.x.numel() * 4 + f.g.numel() * 4 if isinstance(f, LinearFactors)
                                else f.numel() * f.element_size() for f in factors.values())
             self.peak_block_bytes = max(self.peak_block_bytes, peak[0] + factor_bytes)

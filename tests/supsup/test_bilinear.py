@@ -13,10 +13,13 @@ import torch
 from supsup.bilinear import (
     LinearFactors,
     fixed_point_digits,
+    integer_grid,
+    integer_operand,
     is_signed_constant,
     linear_alpha_gradients,
     linear_exact,
     rounding_bound,
+    signed_masks,
 )
 from supsup.masks import pack_bits
 
@@ -92,3 +95,54 @@ def test_signed_constants_are_recognised() -> None:
     assert is_signed_constant(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))
     assert not is_signed_constant(torch.tensor([[0.5, -0.25]]))
     assert not is_signed_constant(torch.zeros(2, 2))
+
+
+def _pixels(batch: int, m: int, seed: int) -> torch.Tensor:
+    """Normalised 8-bit data as a loader gives it: (p / 255 - mean) / std in float32; one row
+    blank, one using every 3rd level (its smallest gap is not its step: levels 0, 3, 7, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(0, 256, (batch, m), generator=g)
+    p[0] = 0
+    p[1] = torch.tensor([0, 3, 7] * m)[:m] * 30 % 256
+    return (p.float() / 255.0 - 0.1307) / 0.3081
+
+
+def test_pixels_take_one_exact_digit_and_other_values_keep_their_digits() -> None:
+    values = _pixels(6, 50, seed=2)
+    grid = integer_grid(values, 2)
+    assert grid is not None
+    q, unit, offset = grid
+    back = offset[None, :] + unit[None, :] * q.double()
+    assert float((back - values.T.double()).abs().max()) <= 1e-6
+    assert integer_operand(values, 2).digits == 1
+    continuous = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)).relu()
+    assert integer_grid(continuous, 2) is None and integer_operand(continuous, 3).digits == 3
+    levels = torch.arange(300.0).reshape(1, 300) / 299  # more levels than one int8 digit holds
+    assert integer_grid(levels, 2) is None
+
+
+@pytest.mark.parametrize(("out_f", "in_f"), SHAPES)
+def test_products_over_pixels_are_within_the_stated_rounding_of_float64(out_f: int,
+                                                                        in_f: int) -> None:
+    masks, packed, weight, factors = _case(9, out_f, in_f, 5, seed=out_f + in_f)
+    factors = LinearFactors(_pixels(5, in_f, seed=out_f), factors.g)
+    got = linear_alpha_gradients(packed, None, weight, factors, budget_bytes=1)
+    exact = linear_exact(masks, weight, factors)
+    terms = torch.einsum("koi,bo,bi->bk", masks.double() * weight.double().abs(),
+                         factors.g.double().abs(), factors.x.double().abs())
+    allowed = rounding_bound(weight, factors, masks, 2) + 2.0**-20 * terms
+    assert bool(((got.double() - exact).abs() <= allowed).all())
+
+
+@pytest.mark.parametrize(("out_f", "in_f"), SHAPES)
+def test_resident_masks_give_the_packed_products_bit_for_bit(out_f: int, in_f: int) -> None:
+    masks, packed, weight, factors = _case(13, out_f, in_f, 4, seed=7 * out_f)
+    rows = torch.tensor([12, 0, 5, 5, 3])
+    resident = signed_masks(packed, rows, weight, block=2)
+    a = masks[rows].to(torch.int8) * torch.sign(weight).to(torch.int8)
+    want = a.transpose(1, 2) if out_f > in_f else a
+    assert torch.equal(resident, want.reshape(rows.numel(), -1))
+    got = linear_alpha_gradients(packed, None, weight, factors, resident=resident,
+                                 budget_bytes=1)
+    assert torch.equal(got, linear_alpha_gradients(packed, rows, weight, factors,
+                                                   budget_bytes=1))

@@ -104,16 +104,28 @@ def test_a_mixed_batch_gets_each_queries_one_image_answer(trained: tuple, method
         assert float((classes[sel] == y).float().mean()) >= 0.8
 
 
-@pytest.mark.parametrize("digits", [2, 3])
+def _inputs(kind: str, batch: int, seed: int) -> torch.Tensor:
+    """Queries of normal values, or of normalised 8-bit pixels (one exact int8 digit)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(batch, 1, SIDE, SIDE, generator=g)
+    pixels = torch.randint(0, 256, (batch, 1, SIDE, SIDE), generator=g) * (
+        torch.rand(batch, 1, SIDE, SIDE, generator=g) < 0.3)  # mostly blank, like digits
+    return (pixels.float() / 255.0 - 0.1307) / 0.3081
+
+
+@pytest.mark.parametrize(("name", "digits", "inputs"), [
+    *[(name, digits, "normal") for name in NETS for digits in (2, 3)],
+    ("fc", 2, "pixels"),  # the first linear layer's inputs take one exact digit
+])
 @pytest.mark.parametrize("objective", ["entropy", "g"])
-@pytest.mark.parametrize("name", list(NETS))
 def test_gradients_are_within_the_stated_tolerance_of_float64(name: str, objective: str,
-                                                              digits: int) -> None:
+                                                              digits: int, inputs: str) -> None:
     net = NETS[name]()
     ids = [10, 11, 12, 13, 14, 15, 16]
     bank = _random_bank(net, ids)
     masks = _random_masks(net, ids)
-    x = torch.randn(9, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(3))
+    x = _inputs(inputs, 9, seed=3)
     for task_ids in (ids, [13, 10, 16]):  # every task; a reordered subset
         engine = InferenceEngine(net, bank, objective=objective, task_ids=task_ids,
                                  digits=digits, block_queries=4)
@@ -170,6 +182,24 @@ def test_shards_of_task_ranges_give_exactly_the_unsharded_gradients(name: str) -
         assert torch.equal(got, want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert torch.equal(got.argmin(1), want.argmin(1))
+
+
+@pytest.mark.parametrize("inputs", ["normal", "pixels"])
+def test_resident_masks_answer_bit_for_bit_like_the_packed_bank(inputs: str) -> None:
+    """Masks unpacked once (within `resident_bytes`) give the gradients of unpacking per pass."""
+    net = _fc(hidden=(64, 32))
+    ids = list(range(30))
+    bank = _random_bank(net, ids)
+    x = _inputs(inputs, 40, seed=4)
+    weights = sum(s[0] * s[1] for s in net.layer_shapes().values())
+    subset = [29, 3, 17, 4]
+    packed = InferenceEngine(net, bank, task_ids=subset, block_queries=16)
+    resident = InferenceEngine(net, bank, task_ids=subset, block_queries=16,
+                               resident_bytes=len(subset) * weights)
+    assert packed.resident_nbytes == 0 and resident.resident_nbytes == len(subset) * weights
+    assert torch.equal(resident.gradients(x), packed.gradients(x))
+    too_small = InferenceEngine(net, bank, resident_bytes=len(ids) * weights - 1)
+    assert too_small.resident_nbytes == 0  # all layers or none: the bank stays packed
 
 
 def test_bad_settings_are_named() -> None:
