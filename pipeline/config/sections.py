@@ -153,6 +153,9 @@ class EvaluateSection(Section):
     # modes), and int8 digits of the fixed-point layer factors (2: 2**-14, 3: 2**-22 precision).
     queries_per_pass: Int = Field(256, ge=1)
     digits: Literal[2, 3] = 2
+    # per worker: the bank's masks unpacked to int8 once (8x the packed bytes) when they fit in
+    # this many MiB, instead of unpacking the bits on every pass; 0 keeps only the packed bank
+    resident_mib: Int = Field(1024, ge=0)
     curve_points: Int = Field(6, ge=0)  # points on the accuracy-vs-tasks-learned curve
     curve_tasks: Int = Field(10, ge=1)  # tasks sampled at each curve point
     # > 1: the bank is split into task ranges held by this many Ray actors (a bank larger than
@@ -335,6 +338,9 @@ class ServeSection(Section):
     max_batch_size: Int = Field(32, ge=1)  # requests answered in one pass
     batch_wait_timeout_s: Float = Field(0.01, ge=0)  # how long a pass waits to fill up
     max_rows_per_request: Int = Field(256, ge=1)  # a larger request is a 400 naming this key
+    # per replica: the masks unpacked to int8 once (8x the packed bytes) when they fit in this
+    # many MiB, instead of unpacking the bits on every pass; 0 keeps only the packed bank
+    resident_mib: Int = Field(1024, ge=0)
     # > 1: each replica splits the bank into this many task ranges held by Ray actors (for banks
     # larger than one process's memory); rows are answered per example, one-shot
     shards: Int = Field(1, ge=1)

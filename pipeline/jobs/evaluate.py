@@ -133,7 +133,7 @@ def evaluate_group_worker(
     results = evaluate_group(
         net, bank, tasks, task_ids, gn=e.gn, batch_size=e.batch_size, method=e.method,
         objective=e.objective, mode=e.mode, candidates=candidates, max_batches=e.max_batches,
-        digits=e.digits, queries_per_pass=e.queries_per_pass,
+        digits=e.digits, queries_per_pass=e.queries_per_pass, resident_bytes=e.resident_mib << 20,
     )
     seconds = (time.perf_counter() - start) / max(1, len(results))
     out = []

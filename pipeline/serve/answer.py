@@ -69,11 +69,13 @@ class Answerer:
     answering installs bindings on the shared network, so callers answer one batch at a time."""
 
     def __init__(self, net: SupermaskNet, bank: MaskBank | None,
-                 sharded: Engine | None = None) -> None:
+                 sharded: Engine | None = None, *, resident_bytes: int = 0) -> None:
         """`bank` held here, or (`bank` None) a `sharded` engine answering for the bank's shards
-        (pipeline.serve.shards.ShardedBank: one-shot, per example, its one objective)."""
+        (pipeline.serve.shards.ShardedBank: one-shot, per example, its one objective).
+        `resident_bytes`: the engine's budget for masks unpacked once (`InferenceEngine`)."""
         self.net = net.eval()
         self.bank = bank
+        self.resident_bytes = resident_bytes
         self.engines: dict[str, Engine] = {}
         if sharded is not None:
             self.engines[sharded.objective] = sharded
@@ -85,7 +87,8 @@ class Answerer:
                 raise InputError(
                     f"objective {objective!r}: this version is served by shards that answer "
                     f"with objective {next(iter(self.engines))!r} only; leave objective out")
-            self.engines[objective] = InferenceEngine(self.net, self.bank, objective=objective)
+            self.engines[objective] = InferenceEngine(self.net, self.bank, objective=objective,
+                                                      resident_bytes=self.resident_bytes)
         return self.engines[objective]
 
     def answer(self, x: torch.Tensor, method: str = "one_shot",

@@ -96,7 +96,8 @@ class BankReplica:
                 self.answerer = Answerer(sharded.net, None, sharded)
             else:
                 bank, spec = load_bank(source, self.device)
-                self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank)
+                self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank,
+                                         resident_bytes=config.resident_mib << 20)
         self.version = version
         self.shards = config.shards
         self.answerer.engine(objective)  # the bank's mixture, made now and not on a request
