@@ -142,13 +142,14 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_shared(root: str, probe: str, exists: Callable[[str, str], bool]) -> None:
+def check_shared(root: str, probe: str, exists: Callable[[str, str], bool],
+                 key: str = "registry.root") -> None:
     """ValueError unless every node of a multi-node cluster sees `probe` under `root`.
 
     The driver has just written `probe`; a tiny task pinned to each node asks
     `exists(root, probe)` there. A local folder that is not shared storage (or an object store
     whose credentials a node lacks) fails here, before any training, instead of each node
-    writing masks to its own disk.
+    writing masks to its own disk. `key` names the setting that chose `root`.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -170,10 +171,10 @@ def check_shared(root: str, probe: str, exists: Callable[[str, str], bool]) -> N
             blind.append(where)
     if blind:
         raise ValueError(
-            f"registry.root {root} is not shared by every node of the Ray cluster: nodes "
-            f"{', '.join(blind)} do not see it. Each node would store masks on its own disk: use "
+            f"{key} {root} is not shared by every node of the Ray cluster: nodes "
+            f"{', '.join(blind)} do not see it. Each node would write to its own disk: use "
             "shared storage mounted at the same path on every node, or an object store "
-            "(registry.root: s3://BUCKET/PREFIX, credentials from the AWS environment)")
+            f"({key}: s3://BUCKET/PREFIX, credentials from the AWS environment)")
 
 
 def worker_slots(cluster: ClusterSection, resources: dict[str, Any]) -> int:

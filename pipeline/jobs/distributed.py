@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from pipeline.builders import build_net, build_spec, build_tasks
-from pipeline.cluster import ray_session, worker_threads
+from pipeline.cluster import check_shared, ray_session, worker_threads
 from pipeline.config import ExperimentConfig, TrainSection
 from pipeline.registry import MaskRegistry
+from pipeline.registry.store import probe, probe_seen
 from supsup.scores import TaskScores
 from supsup.seeding import derive_seed
 from supsup.train import TrainConfig
@@ -280,6 +281,20 @@ def train_storage(config: ExperimentConfig) -> str:
     return config.cluster.storage or under(config.registry.root, ".ray_train")
 
 
+def check_shared_storage(config: ExperimentConfig, storage: str) -> None:
+    """ValueError unless every node sees the registry and Ray Train's storage (`check_shared`):
+    rank 0 writes the masks, any node may write Ray Train's checkpoints. A local storage folder
+    is made first; an object store is only probed once, with the registry."""
+    where = [(config.registry.root, "registry.root")]
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        where.append((storage, "cluster.storage" if config.cluster.storage else
+                      "cluster.storage (unset: .ray_train under registry.root)"))
+    for root, key in where:
+        with probe(root) as name:
+            check_shared(root, name, probe_seen, key=key)
+
+
 def train_task_distributed(config: ExperimentConfig, task_id: int, *,
                            address: str | None = None) -> dict[str, Any]:
     """Train task `task_id` with `train.data_parallel_workers` Ray Train workers.
@@ -292,7 +307,9 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
     Train needs a folder every node sees (or a URI) to checkpoint.
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.jobs.gloo import NodeInterfaceTorchConfig, node_interfaces
 
     if isinstance(task_id, bool) or not 0 <= int(task_id) < config.tasks.num_tasks:
         raise ValueError(f"task {task_id} is outside tasks.num_tasks={config.tasks.num_tasks} "
@@ -304,12 +321,12 @@ def train_task_distributed(config: ExperimentConfig, task_id: int, *,
     name = f"{config.bank}-task-{task_id:07d}-{uuid.uuid4().hex[:8]}"
     with ray_session(config.cluster, address) as resources:
         check_fits(config, resources)
-        if "://" not in storage:
-            Path(storage).mkdir(parents=True, exist_ok=True)
+        check_shared_storage(config, storage)
+        interfaces = node_interfaces() if backend == "gloo" else {}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": worker_config(config), "task_id": task_id},
-            torch_config=TorchConfig(backend=backend),
+            torch_config=NodeInterfaceTorchConfig(backend=backend, interfaces=interfaces),
             scaling_config=ray.train.ScalingConfig(**options),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=storage,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,8 @@ from pipeline.jobs.distributed import (
     scaling_options,
     train_task_distributed,
 )
+from pipeline.jobs.gloo import ENV as GLOO_ENV
+from pipeline.jobs.gloo import host_address, interface_of, node_interface
 from pipeline.jobs.train import TrainSummary, prepare_bank, run_training, train_group_worker
 from pipeline.registry import MaskRegistry, load_bank
 from supsup.bank import MaskBank
@@ -135,6 +142,47 @@ def test_rank_seeds() -> None:
     assert rank_seed(5, 0) == 5  # rank 0 sees the single-worker batches
     seeds = {rank_seed(5, r) for r in range(8)}
     assert len(seeds) == 8 and rank_seed(5, 3) == rank_seed(5, 3)
+
+
+def test_the_interface_holding_an_address_is_found_by_that_address() -> None:
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("198.51.100.7") is None  # a documentation address nobody holds
+
+
+@pytest.fixture
+def node_link() -> Iterator[tuple[str, str]]:
+    """One end of a veth pair holding a documentation address, as a node's link (root)."""
+    name, ip = "sgloo0", "198.51.100.9"
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to add an interface")
+    added = subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
+                            "sgloo1"], capture_output=True)
+    if added.returncode != 0:
+        pytest.skip(f"cannot add an interface: {added.stderr.decode().strip()}")
+    try:
+        subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", name], check=True)
+        yield name, ip
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+def test_gloo_gets_the_node_ip_interface_where_the_host_name_is_loopback(
+        node_link: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the host name resolves to loopback, gloo would bind there: the interface holding
+    the Ray node IP is named instead; GLOO_SOCKET_IFNAME set by the user, or a loopback node IP
+    (a one-machine Ray), leave gloo alone."""
+    name, ip = node_link
+    monkeypatch.delenv(GLOO_ENV, raising=False)
+    assert interface_of(ip) == name
+    assert node_interface("127.0.0.1") == (None, None)
+    if not ipaddress.ip_address(host_address() or "127.0.0.1").is_loopback:
+        assert node_interface(ip) == (None, None)  # gloo binds to a reachable address already
+        return
+    assert node_interface(ip) == (name, None)
+    unknown, problem = node_interface("198.51.100.7")
+    assert unknown is None and "no interface holds its Ray node IP 198.51.100.7" in str(problem)
+    monkeypatch.setenv(GLOO_ENV, "eth9")
+    assert node_interface(ip) == (None, None)
 
 
 def test_worker_group_must_fit_the_cluster(ray_local: None, tmp_path: Path) -> None:

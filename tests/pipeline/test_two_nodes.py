@@ -6,7 +6,8 @@ runs the Ray head and the driver (`supsup train`, which joins through RAY_ADDRES
 it is removed at the end. Needs root and iproute2; skipped elsewhere.
 
 Task groups spread over both nodes; data-parallel training (Ray Train) puts one rank on each node
-and checkpoints to S3; an unshared registry folder is refused; a killed node is survived.
+and checkpoints to S3, with no GLOO_SOCKET_IFNAME given although the host name resolves to
+loopback; an unshared registry or Ray Train storage folder is refused; a killed node is survived.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(Path.cwd())}
         env.pop("RAY_ADDRESS", None)
+        env.pop("GLOO_SOCKET_IFNAME", None)
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # "0" would refuse a second node
         port = free_port()
         common = ["--num-cpus=1", "--object-store-memory=200000000", "--disable-usage-stats",
@@ -146,11 +148,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         head_tmp = tempfile.mkdtemp(prefix="rta", dir="/tmp")  # socket paths must stay short
         worker_tmp = tempfile.mkdtemp(prefix="rtb", dir="/tmp")
         # Here the host name resolves to 127.0.0.1, where torch's gloo would bind and the other
-        # host cannot reach it: each host names its link, as on machines without a DNS entry.
+        # host could not reach it; GLOO_SOCKET_IFNAME is left unset: data-parallel training
+        # finds each host's link itself.
         hosts.start("a", [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}",
                           f"--node-ip-address={hosts.ip['a']}", "--include-dashboard=false",
                           f"--temp-dir={head_tmp}", *common],
-                    {**env, "GLOO_SOCKET_IFNAME": hosts.link("a")}, tmp / "head.log")
+                    env, tmp / "head.log")
         address = f"{hosts.ip['a']}:{port}"
         time.sleep(3)
         # Host B has its own disk at `private`: a tmpfs over that folder in B's mount namespace,
@@ -162,7 +165,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                           *common])
         hosts.start("b", ["unshare", "--mount", "sh", "-c",
                           f"mount -t tmpfs tmpfs {private} && exec {ray_b}"],
-                    {**env, "GLOO_SOCKET_IFNAME": hosts.link("b")}, tmp / "worker.log")
+                    env, tmp / "worker.log")
         check = ("import ray, time\nray.init()\nfor _ in range(360):\n"
                  "    if sum(n['Alive'] for n in ray.nodes()) == 2: break\n"
                  "    time.sleep(0.5)\nprint(sum(n['Alive'] for n in ray.nodes()))\n")
@@ -277,6 +280,12 @@ def test_data_parallel_ranks_on_both_nodes_checkpoint_to_shared_storage(
     said = [line for line in (loaded.run_dir / "supsup.log").read_text().splitlines()
             if "ranks ran on" in line]
     assert said and all(ip in said[0] for ip in both), said
+    # the host name resolves to loopback on both hosts: gloo was given each host's link
+    hosts = cluster["hosts"]
+    gloo = [line for line in (loaded.run_dir / "supsup.log").read_text().splitlines()
+            if "gloo uses" in line]
+    assert gloo and all(f"GLOO_SOCKET_IFNAME={hosts.link(h)} on {hosts.ip[h]}" in gloo[0]
+                        for h in ("a", "b")), gloo
     client = MlflowClient(loaded.tracking_uri)
     experiment = client.get_experiment_by_name(loaded.experiment_name)
     (train_run,) = [r for r in client.search_runs([experiment.experiment_id])
@@ -295,6 +304,26 @@ def test_a_registry_folder_that_a_node_does_not_share_is_refused_before_training
     assert len(errors) == 1 and "is not shared by every node" in errors[0], log[-3000:]
     assert cluster["hosts"].ip["b"] in errors[0] and "s3://" in errors[0]
     assert MaskRegistry(cluster["private"] / "registry").tasks("unshared") == []  # none trained
+
+
+def test_data_parallel_storage_that_a_node_does_not_share_is_refused_before_training(
+        cluster: dict[str, Any]) -> None:
+    """Ray Train would checkpoint on each node's own disk: a local `cluster.storage` must be
+    shared like the registry."""
+    config = _config(cluster["tmp"], "dpunshared", num_tasks=1, steps=10)
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["data_parallel_workers"] = 2
+    raw["cluster"]["storage"] = str(cluster["private"] / "ray-train")
+    config.write_text(yaml.safe_dump(raw))
+    driver = _train(cluster, config)
+    assert driver.wait(timeout=300) == 2
+    log = (cluster["tmp"] / "dpunshared.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: cluster.storage {cluster['private'] / 'ray-train'} is not shared by every "
+        "node"), log[-3000:]
+    assert cluster["hosts"].ip["b"] in errors[0] and "s3://" in errors[0]
+    assert MaskRegistry(cluster["root"]).tasks("dpunshared") == []  # none trained
 
 
 def test_a_killed_worker_node_is_survived_without_loss_or_duplicates(
