@@ -1,17 +1,20 @@
 """The Ray Serve application of one registered model version: an HTTP front and bank replicas.
 
 - `BankReplica` (config: serve.replicas, num_cpus, num_gpus) loads exactly the version's masks
-  through the one bank loader (`load_bank`, snapshot checked) and answers requests in batches:
-  `@serve.batch` gathers up to serve.max_batch_size concurrent requests (waiting at most
-  serve.batch_wait_timeout_s), and rows of the same inference options go through one pass over
-  the bank, each row getting its own task (per_example, the default).
+  through the one bank loader (`load_bank`, snapshot checked) and answers batches of requests:
+  rows of the same inference options go through one pass over the bank, each row getting its
+  own task (per_example, the default).
 - `Front` takes HTTP: POST /invocations (MLflow's scoring body, `{"inputs": rows, "params": {}}`,
   answered as `{"predictions": [{"task_id", "class", "confidence"}, ...]}`) and GET /health (the
   version, its snapshot, the answering replica and how many requests its batches held). It
   checks every input against the contract (pipeline.serve.contract) before any replica sees
-  it: a bad one is a 400 naming the field. A request whose replica died (killed, out of
-  memory) is sent again once Ray has restarted it, and answered with a 503 naming the restart
-  if that does not happen in time.
+  it: a bad one is a 400 naming the field. The front gathers concurrent requests
+  (pipeline.serve.batcher: one batch in flight per bank replica, the next one made of what
+  queued meanwhile, up to serve.max_batch_size, or what arrives within
+  serve.batch_wait_timeout_s when nothing waited) and sends each batch to a replica as one
+  call. A batch whose replica died (killed, out of memory) is sent again once Ray has restarted
+  it, and its requests are answered with a 503 naming the restart if that does not happen in
+  time.
 
 The driver (pipeline.serve.command) resolves the version and checks its snapshot before it
 deploys; replicas resolve the same pinned version again where they run (a cluster node may be
@@ -41,13 +44,15 @@ from starlette.responses import JSONResponse
 
 from pipeline.config.sections import ServeSection
 from pipeline.serve.answer import Answerer
+from pipeline.serve.batcher import Batcher
 from pipeline.serve.contract import InputError, as_batch, normalize, read_params
 
 log = logging.getLogger(__name__)
 
-_RETRIES = 4  # sends of one request while its replica restarts (1 + 2 + 4 s between them)
+_RETRIES = 4  # sends of one batch while its replica restarts (1 + 2 + 4 s between them)
 _HEALTH_TIMEOUT_S = 10.0
 _BODY_BYTES_PER_VALUE = 32  # a JSON number of float64 precision and its separator, generously
+Rows = list[dict[str, Any]]  # one request's answers: task id, class and confidence per row
 
 
 @dataclass(frozen=True)
@@ -104,47 +109,48 @@ class BankReplica:
         # One pass at a time: answering installs bindings on the shared network.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank")
         self.counts = {"requests": 0, "batches": 0, "largest_batch": 0}
-        self.answer.set_max_batch_size(config.max_batch_size)
-        self.answer.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     def describe(self) -> dict[str, Any]:
         """The version this replica holds, and which process holds it."""
         return {**self.version.describe(), "replica_pid": os.getpid(),
                 "device": str(self.device), "shards": self.shards, **self.counts}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def answer(self, requests: list[tuple[np.ndarray, dict[str, str]]]
-                     ) -> list[list[dict[str, Any]]]:
+                     ) -> list[Rows | str]:
         """Answers for a batch of requests, (normalised inputs (n, *input_shape), inference
-        options) each; the pass runs off the event loop, so health checks and new requests
-        are taken while it computes."""
+        options) each: its rows, or the InputError message of options this replica cannot
+        answer. The pass runs off the event loop, so health checks are taken while it runs."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, self._answer_all, requests)
 
     def _answer_all(self, requests: list[tuple[np.ndarray, dict[str, str]]]
-                    ) -> list[list[dict[str, Any]]]:
+                    ) -> list[Rows | str]:
         """Rows of requests with equal options go through one pass together."""
         self.counts["requests"] += len(requests)
         self.counts["batches"] += 1
         self.counts["largest_batch"] = max(self.counts["largest_batch"], len(requests))
-        out: list[list[dict[str, Any]]] = [[] for _ in requests]
+        out: list[Rows | str] = [[] for _ in requests]
         groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
         for i, (_, options) in enumerate(requests):
             groups.setdefault(tuple(sorted(options.items())), []).append(i)
         for key, members in groups.items():
             options = dict(key)
-            if options["mode"] == "per_example":
-                x = torch.from_numpy(np.concatenate([requests[i][0] for i in members]))
-                answers = self.answerer.predict(x.to(self.device), options)
-                start = 0
+            try:
+                if options["mode"] == "per_example":
+                    x = torch.from_numpy(np.concatenate([requests[i][0] for i in members]))
+                    answers = self.answerer.predict(x.to(self.device), options)
+                    start = 0
+                    for i in members:
+                        n = requests[i][0].shape[0]
+                        out[i] = answers.rows(start, start + n).records()
+                        start += n
+                else:  # one task per request: each request is its own batch
+                    for i in members:
+                        x = torch.from_numpy(requests[i][0]).to(self.device)
+                        out[i] = self.answerer.predict(x, options).records()
+            except InputError as exc:  # these options only; the batch's others are answered
                 for i in members:
-                    n = requests[i][0].shape[0]
-                    out[i] = answers.rows(start, start + n).records()
-                    start += n
-            else:  # one task per request: each request is its own batch
-                for i in members:
-                    x = torch.from_numpy(requests[i][0]).to(self.device)
-                    out[i] = self.answerer.predict(x, options).records()
+                    out[i] = str(exc)
         return out
 
 
@@ -163,6 +169,9 @@ class Front:
         self.bank = bank
         flat = math.prod(version.input_shape)
         self.max_body = self.config.max_rows_per_request * flat * _BODY_BYTES_PER_VALUE + 65536
+        self.batcher: Batcher[tuple[np.ndarray, dict[str, str]], Rows | JSONResponse] = Batcher(
+            self._send, slots=self.config.replicas, max_batch_size=self.config.max_batch_size,
+            wait_s=self.config.batch_wait_timeout_s)
 
     async def __call__(self, request: Request) -> JSONResponse:
         path = request.url.path.rstrip("/") or "/"
@@ -181,7 +190,9 @@ class Front:
             return _error(503, "REPLICA_UNAVAILABLE",
                           f"no bank replica of {self.version.model_uri} answered "
                           f"({type(exc).__name__}); Ray restarts dead replicas, retry shortly")
-        return JSONResponse({"status": "ok", **held})
+        sizes = self.batcher.sizes
+        return JSONResponse({"status": "ok", **held, "front_batches": len(sizes),
+                             "front_largest_batch": max(sizes, default=0)})
 
     async def _invocations(self, request: Request) -> JSONResponse:
         body = await request.body()
@@ -225,12 +236,22 @@ class Front:
         return x.numpy(), options.inference()
 
     async def _answer(self, x: np.ndarray, options: dict[str, str]) -> JSONResponse:
-        """The replica's answer; sent again while a dead replica is being restarted."""
+        """This request's answer from the batch it joined."""
+        result = await self.batcher.submit((x, options))
+        if isinstance(result, JSONResponse):
+            return result
+        return JSONResponse({"predictions": result})
+
+    async def _send(self, requests: list[tuple[np.ndarray, dict[str, str]]]
+                    ) -> list[Rows | JSONResponse]:
+        """One batch to a bank replica; sent again while a dead replica is being restarted.
+        Each request gets its rows or its error response."""
         delay = 1.0
         for attempt in range(_RETRIES):
             try:
-                rows = await self.bank.answer.remote((x, options))
-                return JSONResponse({"predictions": rows})
+                answers = await self.bank.answer.remote(requests)
+                return [_error(400, "INVALID_PARAMETER_VALUE", a[:300]) if isinstance(a, str)
+                        else a for a in answers]
             except RayActorError as exc:
                 log.warning("bank replica lost (%s); attempt %d of %d", type(exc).__name__,
                             attempt + 1, _RETRIES)
@@ -239,16 +260,14 @@ class Front:
                     delay *= 2
             except Exception as exc:  # noqa: BLE001  (one bounded line, never a traceback)
                 cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the replica's
-                if isinstance(cause, InputError):  # options this replica cannot answer
-                    return _error(400, "INVALID_PARAMETER_VALUE", str(cause)[:300])
                 log.exception("answering failed")
                 first = (str(cause).strip().splitlines() or [""])[-1][:200]
-                return _error(500, "INTERNAL_ERROR",
-                              f"{type(cause).__name__} while answering: {first}; the replica "
-                              "log has the traceback")
-        return _error(503, "REPLICA_UNAVAILABLE",
-                      f"the bank replica of {self.version.model_uri} died and was not back "
-                      f"after {_RETRIES} tries; Ray restarts it, retry shortly")
+                return [_error(500, "INTERNAL_ERROR",
+                               f"{type(cause).__name__} while answering: {first}; the replica "
+                               "log has the traceback")] * len(requests)
+        return [_error(503, "REPLICA_UNAVAILABLE",
+                       f"the bank replica of {self.version.model_uri} died and was not back "
+                       f"after {_RETRIES} tries; Ray restarts it, retry shortly")] * len(requests)
 
 
 def build_app(version: ServedVersion, config: ServeSection) -> Any:
@@ -257,8 +276,8 @@ def build_app(version: ServedVersion, config: ServeSection) -> Any:
     bank = serve.deployment(
         BankReplica, name="BankReplica", num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-        # enough requests in each replica to fill a batch while the previous one computes
-        max_ongoing_requests=2 * config.max_batch_size,
+        # the front's batch (one at a time per replica) and health checks
+        max_ongoing_requests=4,
     ).bind(version, settings)
     front = serve.deployment(
         Front, name="Front", num_replicas=1, ray_actor_options={"num_cpus": 0},

@@ -1,0 +1,90 @@
+"""pipeline.serve.batcher: batches fill up with what queued while the previous batch was answered.
+
+Driven by events, not by time: a sender that holds its batch until the test releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.serve.batcher import Batcher
+
+
+class HeldSender:
+    """Answers each item with item * 10, one batch at a time, each held until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.started.set()
+        await self.release.wait()
+        self.release.clear()
+        return [i * 10 for i in items]
+
+
+def test_requests_that_wait_during_a_batch_make_the_next_batch() -> None:
+    async def scenario() -> tuple[list[list[int]], list[int]]:
+        send = HeldSender()
+        batcher = Batcher(send, slots=1, max_batch_size=4, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit(0))
+        await send.started.wait()  # batch [0] is being answered; 1..6 queue meanwhile
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 7)]
+        await asyncio.sleep(0)
+        for _ in range(3):
+            send.release.set()
+            while send.release.is_set():
+                await asyncio.sleep(0)
+        answers = await asyncio.gather(first, *rest)
+        batcher.close()
+        return send.batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3, 4], [5, 6]]  # full to max_batch_size, then the rest
+    assert answers == [i * 10 for i in range(7)]  # each request its own answer, in order
+    assert sum(len(b) for b in batches) == 7
+
+
+def test_each_slot_takes_its_own_batch_and_errors_reach_every_request_of_theirs() -> None:
+    async def scenario() -> tuple[list[list[int]], list[object]]:
+        seen: list[list[int]] = []
+        gate = asyncio.Event()
+
+        async def send(items: list[int]) -> list[int]:
+            seen.append(list(items))
+            await gate.wait()
+            if 13 in items:
+                raise RuntimeError("replica lost")
+            return [-i for i in items]
+
+        batcher = Batcher(send, slots=2, max_batch_size=8, wait_s=0.0)
+        first = [asyncio.create_task(batcher.submit(i)) for i in (13, 14)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        later = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        gate.set()
+        got = await asyncio.gather(*first, *later, return_exceptions=True)
+        batcher.close()
+        return seen, got
+
+    seen, got = asyncio.run(scenario())
+    assert seen[0] == [13, 14] and seen[1] == [1, 2]  # the second slot did not wait
+    assert [str(g) for g in got[:2]] == ["replica lost", "replica lost"]
+    assert got[2:] == [-1, -2]
+
+
+def test_bad_settings_are_named() -> None:
+    async def send(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(ValueError, match="slots"):
+        Batcher(send, slots=0, max_batch_size=1, wait_s=0.0)
+    with pytest.raises(ValueError, match="wait_s"):
+        Batcher(send, slots=1, max_batch_size=1, wait_s=-1.0)
