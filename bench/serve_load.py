@@ -133,6 +133,16 @@ def _get(url: str, timeout: float = 5) -> int:
         return 0
 
 
+def _health(url: str) -> dict[str, Any]:
+    """The server's health body as JSON ({} when it is not JSON, as mlflow's is not)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            data = json.loads(response.read())
+            return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _post(url: str, body: bytes, timeout: float) -> int:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -267,6 +277,7 @@ def measure(name: str, command: list[str], env: dict[str, str], url: str, health
               "clients", flush=True)
         with MemoryWatch(proc.pid) as watch:
             result = load(url, bodies, args.clients, args.timeout_s, args.deadline_s)
+        result["health"] = _health(health)  # supsup serve: the batches its passes held
     result.update(start_s=start_s, peak_tree_mib=watch.peak_tree_kib / 1024,
                   peak_process_mib=watch.peak_process[0] / 1024,
                   peak_process=watch.peak_process[1])
@@ -322,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"clients; load average {os.getloadavg()[0]:.2f}",
                 ["server", "ok", "sent", "req/s", "p50 s", "p95 s", "p99 s", "tree MiB",
                  "largest MiB", "start s"], rows)
+    held = (results.get("supsup_serve") or {}).get("health", {})
+    if held.get("batches"):
+        print(f"supsup serve: {held['requests']} requests in {held['batches']} passes "
+              f"({held['requests'] / held['batches']:.1f} per pass, largest "
+              f"{held['largest_batch']})")
     if "supsup_serve" in results and "mlflow_serve" in results:
         ratio = results["supsup_serve"]["req_per_s"] / max(results["mlflow_serve"]["req_per_s"],
                                                           1e-9)

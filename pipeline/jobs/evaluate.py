@@ -125,15 +125,16 @@ def evaluate_group_worker(
     device = worker_device(config.cluster)  # the GPU the worker holds, if it was given one
     bank, spec = load_bank(source, device, cache=True)
     tasks = worker_tasks(config, device)
-    net = worker_net(spec, device)
     e = config.evaluate
     start = time.perf_counter()
+    engine = _worker_engine(bank, spec, device, config, candidates)
+    net = engine.net if engine is not None else worker_net(spec, device)
     # Every test batch of the group's tasks is queued, and the engine answers their queries
     # `queries_per_pass` at a time with one pass over the bank each.
     results = evaluate_group(
         net, bank, tasks, task_ids, gn=e.gn, batch_size=e.batch_size, method=e.method,
         objective=e.objective, mode=e.mode, candidates=candidates, max_batches=e.max_batches,
-        digits=e.digits, queries_per_pass=e.queries_per_pass, resident_bytes=e.resident_mib << 20,
+        digits=e.digits, queries_per_pass=e.queries_per_pass, engine=engine,
     )
     seconds = (time.perf_counter() - start) / max(1, len(results))
     out = []
@@ -143,6 +144,30 @@ def evaluate_group_worker(
         row["seconds"] = seconds  # the group's time, shared evenly: its passes serve every task
         out.append(row)
     return out
+
+
+_ENGINE: list[tuple[Any, tuple[Any, ...], Any]] = []  # (bank, settings, engine) of this process
+
+
+def _worker_engine(bank: Any, spec: Any, device: Any, config: ExperimentConfig,
+                   candidates: list[int] | None) -> Any:
+    """The worker process's engine over its cached bank, made once and kept for the groups that
+    follow (its mixture and resident masks cost seconds at thousands of tasks); None where
+    `evaluate_group` answers without one (batch mode, GG alone, candidate subsets)."""
+    from supsup.engine import InferenceEngine
+
+    e = config.evaluate
+    if not e.gn or e.mode == "batch" or candidates is not None:
+        return None
+    settings = (e.objective, e.digits, e.queries_per_pass, e.resident_mib, str(device))
+    if _ENGINE and _ENGINE[0][0] is bank and _ENGINE[0][1] == settings:
+        return _ENGINE[0][2]
+    _ENGINE.clear()  # another bank or settings: the previous engine's buffers go first
+    engine = InferenceEngine(worker_net(spec, device), bank, objective=e.objective,
+                             digits=e.digits, block_queries=e.queries_per_pass,
+                             resident_bytes=e.resident_mib << 20)
+    _ENGINE.append((bank, settings, engine))
+    return engine
 
 
 def _evaluate_sharded(config: ExperimentConfig, source: BankSource,
