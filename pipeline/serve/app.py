@@ -10,11 +10,10 @@
   checks every input against the contract (pipeline.serve.contract) before any replica sees
   it: a bad one is a 400 naming the field. The front gathers concurrent requests
   (pipeline.serve.batcher: one batch in flight per bank replica, the next one made of what
-  queued meanwhile, up to serve.max_batch_size, or what arrives within
-  serve.batch_wait_timeout_s when nothing waited) and sends each batch to a replica as one
-  call. A batch whose replica died (killed, out of memory) is sent again once Ray has restarted
-  it, and its requests are answered with a 503 naming the restart if that does not happen in
-  time.
+  queued meanwhile and what arrives within serve.batch_wait_timeout_s, up to
+  serve.max_batch_size) and sends each batch to a replica as one call. A batch whose replica
+  died (killed, out of memory) is sent again once Ray has restarted it, and its requests are
+  answered with a 503 naming the restart if that does not happen in time.
 
 The driver (pipeline.serve.command) resolves the version and checks its snapshot before it
 deploys; replicas resolve the same pinned version again where they run (a cluster node may be

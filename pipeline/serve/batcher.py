@@ -3,8 +3,8 @@
 `Batcher(send, slots, max_batch_size, wait_s)`: `await batcher.submit(item)` returns the item's
 answer from `send(items) -> answers` (one answer per item, in order). Each of `slots` senders
 (one per bank replica) takes a batch only when it is free: everything that queued while its
-previous batch was being answered, up to `max_batch_size`, or, when nothing waited, the first
-item and whatever arrives within `wait_s` after it.
+previous batch was being answered and whatever arrives within `wait_s` of taking the first,
+up to `max_batch_size`.
 
 Why not `@serve.batch`: it forms a batch as soon as its wait ends and only then waits for a free
 slot (`max_concurrent_batches`), so under load many small batches queue behind one slot; measured
