@@ -75,14 +75,32 @@ def discovery_mask_info(config: ExperimentConfig) -> dict[str, Any]:
             "budget": d.budget, "min_candidates": d.min_candidates, "eps": d.eps}
 
 
+def discovery_recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """How the stream trains its masks, as the bank's manifest records it: the train settings
+    `supsup.discovery` reads (optimiser, weight decay, the stream's batch size; not steps,
+    epochs, precision or fused, which it never reads), the learning rate it uses
+    (discovery.lr, else train.lr) and the stream (batches per task, task order). The allocation
+    rule is in the mask description already (`discovery_mask_info`)."""
+    t, d = config.train, config.discovery
+    recipe: dict[str, Any] = {"optimizer": t.optimizer, "batch_size": t.batch_size}
+    if t.optimizer == "sgd":
+        recipe["momentum"] = t.momentum
+    recipe.update({"weight_decay": t.weight_decay, "discovery.lr": t.lr if d.lr is None else d.lr,
+                   "discovery.batches_per_task": d.batches_per_task,
+                   "discovery.task_order": stream_order(config)})
+    return recipe
+
+
 def prepare_discovery_bank(config: ExperimentConfig) -> MaskRegistry:
-    """Create the bank's manifest; ValueError when the bank already holds masks."""
+    """Create the bank's manifest, recipe included; BankMismatchError when the bank was made
+    with another configuration or recipe (naming each differing setting and a new bank name),
+    ValueError when it already holds masks. Both before anything is written."""
     tasks = build_tasks(config)
     spec = build_spec(config, tasks)
     net = build_net(spec)
     registry = MaskRegistry(config.registry.root)
     registry.create_bank(config.bank, spec.to_dict(), net.layer_shapes(), net.bn_features(),
-                         discovery_mask_info(config))
+                         discovery_mask_info(config), discovery_recipe(config))
     held = registry.tasks(config.bank)
     if held:
         raise ValueError(

@@ -191,8 +191,11 @@ def _entry_differences(prefix: str, a: Mapping[str, Any], b: Mapping[str, Any]) 
 
 def recipe_differences(stored: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[str]:
     """'train.KEY: bank has X, given Y' for every recipe entry of `recipe` that is not the
-    stored manifest's (which must have a recipe)."""
-    return _entry_differences("train", stored[RECIPE], canonical(dict(recipe), "recipe"))
+    stored manifest's (which must have a recipe); a dotted key names its own config section
+    ("discovery.batches_per_task: ...")."""
+    a, b = stored[RECIPE], canonical(dict(recipe), "recipe")
+    return [f"{k if '.' in k else 'train.' + k}: bank has {a.get(k, '<absent>')}, given "
+            f"{b.get(k, '<absent>')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def suggested_bank(bank: str, stored: Mapping[str, Any], recipe: Mapping[str, Any]) -> str:
@@ -203,7 +206,8 @@ def suggested_bank(bank: str, stored: Mapping[str, Any], recipe: Mapping[str, An
     for k in sorted(set(old) | set(new), key=str):
         if old.get(k) != new.get(k):
             value = re.sub(r"[^A-Za-z0-9._-]", "-", str(new.get(k, "none")).lower())
-            return f"{bank}-{_RECIPE_SHORT.get(k, k).replace('_', '-')}{value}"[:_MAX_BANK]
+            short = _RECIPE_SHORT.get(k, k).rsplit(".", 1)[-1].replace("_", "-")
+            return f"{bank}-{short}{value}"[:_MAX_BANK]
     return f"{bank}-v2"[:_MAX_BANK]
 
 

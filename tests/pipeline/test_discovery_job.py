@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from pipeline.cli import main
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
-from pipeline.jobs.discovery import run_discovery
-from pipeline.registry import MaskRegistry, load_bank
+from pipeline.jobs.discovery import prepare_discovery_bank, run_discovery
+from pipeline.registry import BankMismatchError, MaskRegistry, load_bank
+from pipeline.registry.manifest import describe_recipe
 from pipeline.tracking import Tracker
 
 NUM_TASKS = 5
@@ -25,7 +29,12 @@ def make_config(tmp_path: Path, name: str = "nnstest", **discovery: object) -> E
     """The settings tests/supsup/test_discovery.py found to separate five tasks: 200 batches of
     128 per task, a check every 50 batches, RMSprop at 5e-4 (a fresh mask must stand out at the
     first check after its allocation)."""
-    return parse_config({
+    return parse_config(settings(tmp_path, name, **discovery))
+
+
+def settings(tmp_path: Path, name: str = "nnstest", **discovery: object) -> dict[str, Any]:
+    """make_config's settings as the mapping a config file holds."""
+    return {
         "name": name,
         "output_dir": str(tmp_path / "runs"),
         "scenario": "nns",
@@ -36,7 +45,7 @@ def make_config(tmp_path: Path, name: str = "nnstest", **discovery: object) -> E
                       **discovery},
         "evaluate": {"method": "one_shot", "objective": "entropy", "mode": "one_image"},
         "registry": {"root": str(tmp_path / "registry")},
-    })
+    }
 
 
 @pytest.mark.slow
@@ -96,9 +105,14 @@ def test_hidden_tasks_are_discovered_stored_reported_and_tracked(
     artifacts = {a.path for a in tracker.client.list_artifacts(summary["run_id"], "discovery")}
     assert artifacts == {"discovery/report.json", "discovery/discovery.png"}
 
-    # A stream is not resumable: the same bank is refused rather than mixed with a new run.
+    # A stream is not resumable: the same bank is refused rather than mixed with a new run; one
+    # with another recipe is refused for that first, naming the setting.
+    assert registry.manifest(config.bank)["recipe"]["discovery.batches_per_task"] == 200
     with pytest.raises(ValueError, match=r"already holds \d+ discovered masks.*registry\.bank"):
         run_discovery(config)
+    with pytest.raises(BankMismatchError, match=r"discovery\.batches_per_task: bank has 200, "
+                                                r"given 100\..*registry\.bank=nnstest-batches"):
+        run_discovery(make_config(tmp_path, batches_per_task=100))
 
 
 def test_bad_settings_are_named(tmp_path: Path) -> None:
@@ -113,3 +127,44 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train\.schedule to 'constant'"):
         run_discovery(cosine)
     assert not (tmp_path / "registry").exists()  # nothing was written for bad settings
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_rerun_with_another_recipe_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bank's manifest records how the stream trains its masks; a rerun that would train
+    them otherwise exits 2 with one line naming the setting and a new bank name, and leaves the
+    bank's files as they were. A setting discovery never reads (train.lr while discovery.lr is
+    set) changes nothing and is accepted."""
+    data = settings(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    config = parse_config(data)
+    prepare_discovery_bank(config)
+    root = Path(config.registry.root)
+    recipe = MaskRegistry(root).manifest(config.bank)["recipe"]
+    assert recipe == {"optimizer": "rmsprop", "batch_size": 128,
+                      "weight_decay": config.train.weight_decay, "discovery.lr": 5e-4,
+                      "discovery.batches_per_task": BATCHES_PER_TASK,
+                      "discovery.task_order": list(range(NUM_TASKS))}
+    before = _files(root)
+    for option, named, bank in (
+            ("discovery.batches_per_task=100",
+             "discovery.batches_per_task: bank has 200, given 100", "nnstest-batches-per-task100"),
+            ("discovery.lr=0.001", "discovery.lr: bank has 0.0005, given 0.001", "nnstest-lr0.001"),
+            ("train.batch_size=64", "train.batch_size: bank has 128, given 64", "nnstest-batch64")):
+        capsys.readouterr()
+        assert main(["train", str(exp), "--set", option]) == 2, option
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bank 'nnstest' in {root} was trained with another recipe: "
+                              f"{named}. Use the bank's recipe ({describe_recipe(recipe)}), or "
+                              f"train into a new bank instead: --set registry.bank={bank} "), err
+        assert len(err.strip().splitlines()) == 1, err
+    assert _files(root) == before
+    same = {**data, "train": {**data["train"], "lr": 1e-3}}
+    prepare_discovery_bank(parse_config(same))  # the same recipe: accepted
+    assert _files(root) == before
