@@ -36,6 +36,8 @@ from supsup.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
+STORAGE_RULE = "storkey"  # how supsup.hopfield.HopfieldReservoir.store writes a pattern
+
 
 # ----------------------------------------------------------------------------- settings
 def gated_widths(config: ExperimentConfig) -> tuple[int, ...]:
@@ -73,6 +75,16 @@ def reservoir_mask_info(config: ExperimentConfig) -> dict[str, Any]:
     return {"scenario": "hopfield", "rule": "threshold", "masks": "neuron gates",
             "storage": "hopfield reservoir", "batch_norm": "batch statistics",
             "family": config.tasks.family, "dataset": config.data.dataset}
+
+
+def reservoir_recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """How the stored reservoir is made, as the manifest records it: how gates are learned
+    (SGD) and the rule that stores them. Recall and capacity settings never change it; d and
+    the widths are the manifest's layer shapes."""
+    h = config.hopfield
+    return {"hopfield.epochs": h.epochs, "hopfield.batch_size": h.batch_size,
+            "hopfield.train_lr": h.train_lr, "hopfield.train_momentum": h.train_momentum,
+            "hopfield.weight_decay": h.weight_decay, "optimizer": "sgd", "storage": STORAGE_RULE}
 
 
 def capacity_counts(config: ExperimentConfig) -> tuple[int, list[int]]:
@@ -199,6 +211,20 @@ def capacity_worker(config_data: dict[str, Any]) -> list[list[float]]:
 
 
 # ------------------------------------------------------------------------------- driver
+def prepare_reservoir_bank(config: ExperimentConfig) -> MaskRegistry:
+    """Create the bank's manifest, recipe included, or check the config against it: bad
+    settings (ValueError) and a bank made with another configuration or recipe
+    (BankMismatchError naming each differing setting and a new bank name) are refused before
+    anything is written."""
+    gated_widths(config)
+    capacity_counts(config)
+    spec = gated_spec(config, build_tasks(config))
+    registry = MaskRegistry(config.registry.root)
+    registry.create_bank(config.bank, spec.to_dict(), gate_layers(config), None,
+                         reservoir_mask_info(config), reservoir_recipe(config))
+    return registry
+
+
 def run_reservoir(
     config: ExperimentConfig,
     *,
@@ -216,12 +242,7 @@ def run_reservoir(
     from supsup.hopfield import HopfieldReservoir
 
     widths = gated_widths(config)  # bad settings fail here, before Ray starts
-    capacity_counts(config)
-    tasks = build_tasks(config)
-    spec = gated_spec(config, tasks)
-    registry = MaskRegistry(config.registry.root)
-    registry.create_bank(config.bank, spec.to_dict(), gate_layers(config), None,
-                         reservoir_mask_info(config))
+    registry = prepare_reservoir_bank(config)
     task_ids = list(range(config.tasks.num_tasks))
     tags = {"job": "hopfield", "scenario": "hopfield", "bank": config.bank}
     with tracked_run(tracker, "hopfield", tags, config) as run_id:
@@ -237,7 +258,7 @@ def run_reservoir(
                 config.bank,
                 {"psi": reservoir.psi.numpy(), "pattern_sum": reservoir.pattern_sum.numpy()},
                 {"num_stored": reservoir.num_stored, "task_ids": task_ids, "d": reservoir.d,
-                 "num_layers": reservoir.num_layers, "rule": "storkey", "seed": config.seed})
+                 "num_layers": reservoir.num_layers, "rule": STORAGE_RULE, "seed": config.seed})
             recalled = _recall_all(config, config_data, task_ids, progress, total)
         seconds = time.perf_counter() - start
         summary = _summarise(config, widths, trained, recalled, reservoir, status, seconds)

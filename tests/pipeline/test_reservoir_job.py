@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
+from pipeline.cli import main
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
-from pipeline.jobs.reservoir import run_reservoir
+from pipeline.jobs.reservoir import prepare_reservoir_bank, run_reservoir
 from pipeline.registry import MaskRegistry, RegistryConflictError, ReservoirRegistry
+from pipeline.registry.manifest import describe_recipe
 from pipeline.tracking import Tracker
 
 WIDTH = 1024  # d; the paper's 2048 recalls exactly too but trains 3x slower on a CPU
@@ -28,7 +31,13 @@ def make_config(root: Path, name: str, num_tasks: int = 5, hidden: list[int] | N
     15 epochs of the ~800 bundled digits per pair (about the steps one epoch of full MNIST
     gives), 30 recall steps at the paper's lr 500, momentum 0.9, gamma 1.5e-3. The capacity
     curve is the quick d = 64 one: 2 patterns come back, 60 (past ~22) do not."""
-    return parse_config({
+    return parse_config(settings(root, name, num_tasks, hidden, **hopfield))
+
+
+def settings(root: Path, name: str, num_tasks: int = 5, hidden: list[int] | None = None,
+             **hopfield: object) -> dict[str, Any]:
+    """make_config's settings as the mapping a config file holds."""
+    return {
         "name": name,
         "output_dir": str(root / "runs"),
         "scenario": "hopfield",
@@ -37,7 +46,7 @@ def make_config(root: Path, name: str, num_tasks: int = 5, hidden: list[int] | N
         "hopfield": {"d": WIDTH, "epochs": 15, "capacity_d": 64, "capacity_counts": [2, 60],
                      "capacity_flip": 0.05, **hopfield},
         "registry": {"root": str(root / "registry")},
-    })
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +90,7 @@ def test_registry_holds_a_constant_size_reservoir_and_no_task_files(
     reservoirs = ReservoirRegistry(registry)
     assert registry.tasks(config.bank) == []  # the reservoir replaces per-task masks
     assert registry.manifest(config.bank)["mask"]["scenario"] == "hopfield"
+    assert registry.manifest(config.bank)["recipe"]["hopfield.epochs"] == 15.0
     report = registry.verify(config.bank)
     assert report.all_ok and report.reservoir and report.reservoir_problem is None
     arrays, meta = reservoirs.read(config.bank)
@@ -194,3 +204,46 @@ def test_registry_reservoir_round_trip_and_checks(tmp_path: Path) -> None:
     registry.create_bank("weights", spec, {"w": [8, 784]}, None, {"scenario": "gg_gn"})
     with pytest.raises(ValueError, match="gated units of one width d"):
         reservoirs.write("weights", {"psi": np.zeros((1, 8, 8)), "pattern_sum": np.zeros((1, 8))})
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_rerun_with_another_recipe_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bank's manifest records how its gates are learned and stored; a rerun that would
+    learn them otherwise exits 2 with one line naming the setting and a new bank name, and
+    leaves the bank's files (its reservoir included) as they were. Recall and capacity settings
+    never change the reservoir and are accepted."""
+    data = settings(tmp_path, "gates", 2, [64, 64], d=64)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    config = parse_config(data)
+    registry = prepare_reservoir_bank(config)
+    recipe = registry.manifest("gates")["recipe"]
+    assert recipe == {"hopfield.epochs": 15.0, "hopfield.batch_size": 128,
+                      "hopfield.train_lr": 0.1, "hopfield.train_momentum": 0.9,
+                      "hopfield.weight_decay": 1e-4, "optimizer": "sgd", "storage": "storkey"}
+    g = np.random.default_rng(0)
+    ReservoirRegistry(registry).write("gates", {"psi": g.standard_normal((2, 64, 64)),
+                                                "pattern_sum": g.standard_normal((2, 64))})
+    root = Path(config.registry.root)
+    before = _files(root)
+    for option, named, bank in (
+            ("hopfield.epochs=3", "hopfield.epochs: bank has 15.0, given 3.0", "gates-epochs3.0"),
+            ("hopfield.train_lr=0.05", "hopfield.train_lr: bank has 0.1, given 0.05",
+             "gates-train-lr0.05")):
+        capsys.readouterr()
+        assert main(["train", str(exp), "--set", option]) == 2, option
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bank 'gates' in {root} was trained with another recipe: "
+                              f"{named}. Use the bank's recipe ({describe_recipe(recipe)}), or "
+                              f"train into a new bank instead: --set registry.bank={bank} "), err
+        assert len(err.strip().splitlines()) == 1, err
+    assert _files(root) == before
+    same = {**data, "hopfield": {**data["hopfield"], "gamma": 0.01, "recall_steps": 10,
+                                 "capacity_flip": 0.2}}
+    prepare_reservoir_bank(parse_config(same))  # the same recipe: accepted
+    assert _files(root) == before
