@@ -17,6 +17,8 @@ true task, with the allocation points) and is the only MLflow writer.
 
 A stream's state (scores and optimisers of every mask) is not checkpointed, so a run starts from
 an empty bank: a bank that already holds masks is refused instead of being mixed with a new run.
+The bank's manifest records how the stream trains (`discovery_recipe`), so a bank made with
+another recipe is refused by name too, before anything is written.
 """
 
 from __future__ import annotations
