@@ -146,18 +146,6 @@ def _health(url: str) -> dict[str, Any]:
         return {}
 
 
-def _post(url: str, body: bytes, timeout: float) -> int:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        return int(err.code)
-    except OSError:
-        return 0
-
-
 @contextlib.contextmanager
 def running(command: list[str], env: dict[str, str], log: Path, health: str,
             timeout_s: float) -> Iterator[subprocess.Popen[bytes]]:
@@ -305,8 +293,9 @@ def measure(name: str, command: list[str], env: dict[str, str], url: str, health
     started = time.perf_counter()
     with running(command, env, folder / f"{name}.log", health, args.start_timeout_s) as proc:
         start_s = time.perf_counter() - started
+        warm = Client(url, args.timeout_s)
         for body in bodies[:4]:  # first answers pay one-off costs (imports, allocations)
-            _post(url, body, args.timeout_s)
+            warm.post(body)
         print(f"{name}: up in {start_s:.1f} s; {len(bodies)} requests from {args.clients} "
               "clients", flush=True)
         with MemoryWatch(proc.pid) as watch:

@@ -180,9 +180,10 @@ class _Unpacker:
     """Packed mask rows of one layer -> A_i = M_i * sign(W) in int8, in the kernel's layout:
     (tasks, out, in), or (tasks, in, out) when the product contracts over out (out > in)."""
 
-    def __init__(self, weight: torch.Tensor, height: int, device: torch.device) -> None:
+    def __init__(self, weight: torch.Tensor, height: int, device: torch.device,
+                 transpose: bool | None = None) -> None:
         self.out_f, self.in_f = weight.shape
-        self.transpose = self.out_f > self.in_f
+        self.transpose = self.out_f > self.in_f if transpose is None else transpose
         self.table = _signed_bit_table(device)
         self.signs = sign_bytes(weight).to(device)
         nbytes = self.signs.numel()
@@ -309,10 +310,9 @@ def _linear_float(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch
     x = factors.x.reshape(-1, in_f).to(device, torch.float32)
     g = factors.g.reshape(-1, out_f).to(device, torch.float32)
     batch = x.shape[0]
-    table = _signed_bit_table(device)
-    signs = sign_bytes(weight).to(device)
     nbytes = packed.shape[1]
     height = max(1, min(k, budget_bytes // (4 * n + 16 * nbytes + 8 * out_f * batch)))
+    unpack = _Unpacker(weight, height, device, transpose=False)
     if on_block is not None:
         on_block(height * (4 * n + 16 * nbytes + 8 * out_f * batch))
     scale = float(weight.abs().reshape(-1)[0])
@@ -320,9 +320,7 @@ def _linear_float(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch
     for r0 in range(0, k, height):
         r1 = min(k, r0 + height)
         h = r1 - r0
-        src = packed[r0:r1] if rows is None else packed[rows[r0:r1]]
-        idx = signs + src
-        a = torch.take(table, idx).view(torch.int8).view(h, nbytes * 8)[:, :n]
+        a = unpack(packed[r0:r1] if rows is None else packed[rows[r0:r1]])
         y = a.to(torch.float32).reshape(h * out_f, in_f) @ x.T  # (h * out, B)
         result[r0:r1] = (y.view(h, out_f, batch) * g.T).sum(1) * scale
     return result.T.contiguous()

@@ -176,7 +176,6 @@ def evaluate_group(
     digits: int = 2,
     queries_per_pass: int = 256,
     engine: GroupEngine | None = None,
-    resident_bytes: int = 0,
 ) -> list[TaskEvaluation]:
     """`evaluate_task` for many tasks, with the queries of all their test batches answered
     together by the batched engine (`supsup.engine`): the first image of each batch (the paper's
@@ -185,8 +184,7 @@ def evaluate_group(
     `batch` mode (one objective over a whole batch) and GG alone keep `evaluate_task`.
 
     `engine` answers instead of a local one (e.g. a bank's shards, each holding a task range:
-    `bank` may then be None, and classification too goes through `engine.classify`).
-    `resident_bytes` is the local engine's budget for masks unpacked once (`InferenceEngine`)."""
+    `bank` may then be None, and classification too goes through `engine.classify`)."""
     if engine is not None:
         if not gn or mode == "batch" or candidates is not None:
             raise ValueError("an outside engine answers one_image or per_example GN over its "
@@ -202,8 +200,7 @@ def evaluate_group(
         for t in task_ids:
             bank.row(t)
         engine = InferenceEngine(net, bank, objective=objective, task_ids=candidates,
-                                 digits=digits, block_queries=queries_per_pass,
-                                 resident_bytes=resident_bytes)
+                                 digits=digits, block_queries=queries_per_pass)
 
     def predict(task: int, x: torch.Tensor) -> torch.Tensor:
         if outside is None:

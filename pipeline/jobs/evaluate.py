@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.accuracy_matrix import AccuracyMatrix, continual_metrics
 from pipeline.bank_source import BankSource
@@ -40,6 +40,13 @@ from pipeline.registry import check_matches, load_bank, read_manifest
 from pipeline.registry.manifest import build_manifest
 from pipeline.registry.store import probe, probe_seen
 from supsup.bank import describe_ids
+
+if TYPE_CHECKING:  # annotations only: workers import torch and the engine when they run
+    import torch
+
+    from supsup.bank import MaskBank
+    from supsup.engine import InferenceEngine
+    from supsup.networks import NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +153,13 @@ def evaluate_group_worker(
     return out
 
 
-_ENGINE: list[tuple[Any, tuple[Any, ...], Any]] = []  # (bank, settings, engine) of this process
+# (bank, settings, engine) of this worker process
+_ENGINE: list[tuple[MaskBank, tuple[object, ...], InferenceEngine]] = []
 
 
-def _worker_engine(bank: Any, spec: Any, device: Any, config: ExperimentConfig,
-                   candidates: list[int] | None) -> Any:
+def _worker_engine(bank: MaskBank, spec: NetworkSpec, device: torch.device,
+                   config: ExperimentConfig, candidates: list[int] | None
+                   ) -> InferenceEngine | None:
     """The worker process's engine over its cached bank, made once and kept for the groups that
     follow (its mixture and resident masks cost seconds at thousands of tasks); None where
     `evaluate_group` answers without one (batch mode, GG alone, candidate subsets)."""
