@@ -51,6 +51,7 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
     from pipeline.jobs.train import run_training
     from pipeline.publish import publish_bank
     from pipeline.report import plot_training
+    from pipeline.tracking.runs import TaskMetricsBuffer
 
     # On its own (no parent run of `supsup run`), the train run keeps the command's supsup.log:
     # logged when training ends, and again, complete, once the bank is registered.
@@ -59,8 +60,10 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
             (log_file_logged(tracker, run_id) if standalone else contextlib.nullcontext()):
         bar = Progress(f"train {config.bank}")
 
+        per_task = TaskMetricsBuffer(tracker)
+
         def on_task(r: dict[str, Any]) -> None:
-            tracker.log_task_metrics(r["task_id"], {
+            per_task.add(r["task_id"], {
                 k: float(r[k]) for k in ("train_accuracy", "train_loss", "density", "seconds")})
 
         try:
@@ -68,6 +71,7 @@ def do_train(config: ExperimentConfig, address: str | None, tracker: Tracker) ->
                                    on_curve=_curve_logger(config, tracker))
         finally:
             bar.close()
+            per_task.flush()  # the tasks stored so far, also when training stopped early
         summary.run_id = run_id
         if summary.trained:
             accs = [m["train_accuracy"] for m in summary.trained.values()]
@@ -147,8 +151,8 @@ def do_baseline(config: ExperimentConfig, tracker: Tracker) -> dict[str, Any]:
             report = run_baseline(config, progress=bar)
         finally:
             bar.close()
-        for t, acc in report.get("accuracy", {}).items():
-            tracker.log_task_metrics(int(t), {"accuracy_gg": float(acc)})
+        tracker.log_tasks_metrics((int(t), {"accuracy_gg": float(acc)})
+                                  for t, acc in report.get("accuracy", {}).items())
         tracker.log_metrics({"accuracy_gg": report["mean_accuracy"],
                              "bytes_per_task": report["bytes_per_task"],
                              "seconds": report["seconds"]})

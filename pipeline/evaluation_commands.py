@@ -57,10 +57,9 @@ def do_evaluate(config: ExperimentConfig, source: BankSource, address: str | Non
             report = run_evaluation(config, source, progress=bar, address=address)
         finally:
             bar.close()
-        for r in report.tasks:
-            tracker.log_task_metrics(r["task_id"], {
-                k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
-                if r.get(k) is not None})
+        tracker.log_tasks_metrics((r["task_id"], {
+            k: r[k] for k in ("accuracy_gg", "accuracy_gn", "task_inference_accuracy")
+            if r.get(k) is not None}) for r in report.tasks)
         tracker.log_metrics({k: float(v) for k, v in report.summary.items()})
         tracker.log_metrics(report.continual_metrics())  # average accuracy, forgetting, BWT
         for name, matrix in report.matrices.items():

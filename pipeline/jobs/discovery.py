@@ -385,15 +385,14 @@ def _log(tracker: Any, summary: dict[str, Any], stream: dict[str, Any],
             "stream_batches", "stream_accuracy", "stream_loss", "stream_seconds",
             "test_accuracy", "inference_agreement", "seconds")
     })
-    for m in stream["masks"]:
-        tracker.log_task_metrics(m["mask_id"], {k: float(m[k]) for k in (
-            "majority_task", "purity", "batches", "density")}, prefix="mask")
+    tracker.log_tasks_metrics(((m["mask_id"], {k: float(m[k]) for k in (
+        "majority_task", "purity", "batches", "density")}) for m in stream["masks"]),
+        prefix="mask")
     task_to_masks = summary["task_to_masks"]
-    for r in evaluation:
-        tracker.log_task_metrics(r["task_id"], {
-            "test_accuracy": r["accuracy"],
-            "masks_trained": len(task_to_masks.get(r["task_id"], [])),
-        })
+    tracker.log_tasks_metrics((r["task_id"], {
+        "test_accuracy": r["accuracy"],
+        "masks_trained": len(task_to_masks.get(r["task_id"], [])),
+    }) for r in evaluation)
     checks = stream["checks"]
     stride = max(1, math.ceil(len(checks["batch"]) / MAX_CURVE_POINTS))
     for i in range(0, len(checks["batch"]), stride):

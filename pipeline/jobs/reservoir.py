@@ -405,10 +405,10 @@ def _log(tracker: Any, registry: MaskRegistry, config: ExperimentConfig, summary
          capacity: list[list[float]], files: dict[str, Path]) -> None:
     tracker.log_metrics({k: float(v) for k, v in summary.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    for r in summary["tasks"]:
-        tracker.log_task_metrics(r["task_id"], {
-            k: float(r[k]) for k in ("hamming", "settled_at", "train_accuracy",
-                                     "accuracy_stored", "accuracy_recalled", "recalled_right")})
+    tracker.log_tasks_metrics((r["task_id"], {
+        k: float(r[k]) for k in ("hamming", "settled_at", "train_accuracy",
+                                 "accuracy_stored", "accuracy_recalled", "recalled_right")})
+        for r in summary["tasks"])
     for count, rate in capacity:
         tracker.log_metrics({"capacity/recall_rate": rate}, step=int(count))
     for path in files.values():

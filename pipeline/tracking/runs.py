@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -195,30 +195,35 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None,
                     run_id: str | None = None) -> None:
         """Log numeric metrics at `step` (0 when None); ValueError naming a non-numeric one."""
-        run_id = run_id or self.run_id
+        self._log_entries(_metric_entries(metrics, int(step or 0), int(time.time() * 1000)),
+                          run_id or self.run_id)
+
+    def log_task_metrics(self, task_id: int, metrics: Mapping[str, Any],
+                         run_id: str | None = None, prefix: str = "task") -> None:
+        """Per-task metrics as `task/<name>` at step = task_id, so MLflow plots them per task."""
+        self.log_tasks_metrics([(task_id, metrics)], run_id=run_id, prefix=prefix)
+
+    def log_tasks_metrics(self, rows: Iterable[tuple[int, Mapping[str, Any]]],
+                          run_id: str | None = None, prefix: str = "task") -> None:
+        """`log_task_metrics` for many tasks in batches of MLflow's largest size: one call per
+        task costs a store transaction each (seconds at thousands of tasks)."""
         now = int(time.time() * 1000)
-        entries = []
-        for key, value in metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise ValueError(f"metric {key!r} must be a number, got {value!r} "
-                                 f"({type(value).__name__})")
-            entries.append(Metric(str(key), float(value), now, int(step or 0)))
+        entries: list[Metric] = []
+        for task_id, metrics in rows:
+            if (isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer))
+                    or task_id < 0):
+                raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
+            entries += _metric_entries({f"{prefix}/{k}": v for k, v in metrics.items()},
+                                       int(task_id), now)
+        self._log_entries(entries, run_id or self.run_id)
+
+    def _log_entries(self, entries: list[Metric], run_id: str | None) -> None:
         for chunk in chunks(entries, _METRIC_BATCH):
             try:
                 self.client.log_batch(run_id, metrics=list(chunk))
             except MlflowException as exc:
                 raise ValueError(f"MLflow rejected metrics {[m.key for m in chunk][:10]} of run "
                                  f"{run_id}: {exc.message}") from None
-
-    def log_task_metrics(self, task_id: int, metrics: Mapping[str, Any],
-                         run_id: str | None = None, prefix: str = "task") -> None:
-        """Per-task metrics as `task/<name>` at step = task_id, so MLflow plots them per task."""
-        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or task_id < 0:
-            raise ValueError(f"task_id must be a non-negative integer, got {task_id!r}")
-        self.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=int(task_id),
-                         run_id=run_id)
 
     def set_tags(self, tags: Mapping[str, Any], run_id: str | None = None) -> None:
         """Set run tags (values as strings; tags, unlike params, may be overwritten)."""
@@ -339,3 +344,38 @@ def process_alive(owner: str) -> bool:
         return not started or _start_time(int(pid)) == started  # no /proc: cannot judge
     except ValueError:
         return True  # not ours to judge
+
+
+def _metric_entries(metrics: Mapping[str, Any], step: int, now: int) -> list[Metric]:
+    """MLflow metrics of numeric values; ValueError naming the first that is not a number."""
+    entries = []
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ValueError(f"metric {key!r} must be a number, got {value!r} "
+                             f"({type(value).__name__})")
+        entries.append(Metric(str(key), float(value), now, step))
+    return entries
+
+
+class TaskMetricsBuffer:
+    """Per-task metrics of a long job, logged in batches at most every `every_s` seconds and
+    on `flush()`: as tasks finish they show up in MLflow within that delay, and thousands of
+    tasks cost tens of store transactions rather than one each."""
+
+    def __init__(self, tracker: Tracker, every_s: float = 10.0, prefix: str = "task") -> None:
+        self.tracker, self.every_s, self.prefix = tracker, every_s, prefix
+        self._rows: list[tuple[int, dict[str, Any]]] = []
+        self._last = time.monotonic()
+
+    def add(self, task_id: int, metrics: Mapping[str, Any]) -> None:
+        self._rows.append((task_id, dict(metrics)))
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        rows, self._rows = self._rows, []
+        self._last = time.monotonic()
+        if rows:
+            self.tracker.log_tasks_metrics(rows, prefix=self.prefix)

@@ -183,6 +183,43 @@ def test_run_round_trip_through_mlflow(tmp_path: Path, db: str,
     assert sorted(os.listdir(tmp_path)) == ["report.md"]
 
 
+def test_thousands_of_tasks_metrics_in_batches(db: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-task metrics of 1,200 tasks go to MLflow in a few batched calls (one call per task
+    costs a store transaction each), every task's value at its own step; a bad value is refused
+    naming the metric, and a buffer logs what it holds on flush."""
+    from pipeline.tracking.runs import TaskMetricsBuffer
+
+    tracker = Tracker(db, "runs")
+    calls: list[int] = []
+    log_batch = tracker.client.log_batch
+
+    def counted(run_id: str, metrics: Any = (), **kw: Any) -> None:
+        calls.append(len(metrics))
+        log_batch(run_id, metrics=metrics, **kw)
+    monkeypatch.setattr(tracker.client, "log_batch", counted)
+    with tracker.run("evaluate") as run_id:
+        tracker.log_tasks_metrics((t, {"gg": t / 1200, "gn": 1 - t / 1200})
+                                  for t in range(1200))
+        with pytest.raises(ValueError, match="metric 'task/gn' must be a number"):
+            tracker.log_tasks_metrics([(0, {"gg": 0.5, "gn": "high"})])
+        with pytest.raises(ValueError, match="task_id must be a non-negative integer"):
+            tracker.log_tasks_metrics([(-1, {"gg": 0.5})])
+        buffer = TaskMetricsBuffer(tracker, every_s=3600, prefix="mask")
+        for t in range(3):
+            buffer.add(t, {"purity": 0.5 + t / 10})
+        assert len(calls) == 3  # 2,400 metrics: batches of 1,000; nothing buffered sent yet
+        buffer.flush()
+        buffer.flush()  # nothing left: no call
+    assert calls == [1000, 1000, 400, 3]
+    client = MlflowClient(db)
+    gg = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "task/gg"))
+    assert gg == [(t, t / 1200) for t in range(1200)]
+    assert len(client.get_metric_history(run_id, "task/gn")) == 1200
+    purity = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "mask/purity"))
+    assert purity == [(0, 0.5), (1, 0.6), (2, 0.7)]
+
+
 def test_failed_and_nested_runs(db: str) -> None:
     tracker = Tracker(db, "runs")
     with pytest.raises(RuntimeError, match="worker died"):
