@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -236,6 +238,7 @@ def linear_alpha_gradients(
     on_block: Callable[[int], None] | None = None,
     integer: bool | None = None,
     resident: torch.Tensor | None = None,
+    workers: int = 1,
 ) -> torch.Tensor:
     """(B, k) float32 dH_b/dalpha_i = g_b^T (M_i * W) x_b for the bank's `rows` (every row when
     None) of one linear layer: `packed` (K, nbytes) rows of (out, in) masks, `weight` (out, in)
@@ -246,6 +249,8 @@ def linear_alpha_gradients(
     `integer` (default: on a CPU) picks the int8 product; else the same blocks multiply float32
     masks by the float32 factors (GPUs, whose int8 product wants other shapes). `resident`, the
     rows' `signed_masks`, replaces the unpacking of each pass (`packed` and `rows` unused).
+    `workers` threads take the blocks one at a time, each with its own buffers within
+    `budget_bytes / workers` (see `InferenceEngine`).
     """
     if integer is None:
         integer = packed.device.type == "cpu"
@@ -272,30 +277,48 @@ def linear_alpha_gradients(
     # on a grid, each task's row sums (the ones column) weigh offset_b c other_b[s]
     shift = (None if op.offset is None
              else (other64 * (op.offset * scale)[None, :]).to(torch.float32))  # (small, B)
-    height = min(k, task_block(small, large, op.columns, budget_bytes))
-    unpack = None if resident is not None else _Unpacker(weight, height, device)
-    sums = torch.empty(height * small, op.columns, dtype=torch.int32, device=device)
-    floats = torch.empty(height, small, digits, batch, dtype=torch.float32, device=device)
+    workers = max(1, min(workers, k))
+    height = min(math.ceil(k / workers), task_block(small, large, op.columns,
+                                                    budget_bytes // workers))
     result = torch.empty(k, batch, dtype=torch.float32, device=device)
+    blocks = iter(range(0, k, height))
+    lock = threading.Lock()
+
+    def work() -> int:
+        """Blocks taken one at a time until none is left; its buffers' bytes."""
+        unpack = None if resident is not None else _Unpacker(weight, height, device)
+        sums = torch.empty(height * small, op.columns, dtype=torch.int32, device=device)
+        floats = torch.empty(height, small, digits, batch, dtype=torch.float32, device=device)
+        while True:
+            with lock:
+                r0 = next(blocks, None)
+            if r0 is None:
+                break
+            r1 = min(k, r0 + height)
+            h = r1 - r0
+            if unpack is None:
+                a = resident[r0:r1]  # type: ignore[index]
+            else:
+                a = unpack(packed[r0:r1] if rows is None else packed[rows[r0:r1]])
+            y = sums[: h * small]
+            torch._int_mm(a.reshape(h * small, large), op.ints, out=y)
+            # integers of at most `large` * 128 in magnitude: exact in float32 up to 2**17
+            y = y.view(h, small, op.columns)
+            yf = floats[:h]
+            yf.copy_(y[:, :, : digits * batch].view(h, small, digits, batch)).mul_(wt)
+            torch.sum(yf.view(h, small * digits, batch), 1, out=result[r0:r1])
+            if shift is not None:
+                result[r0:r1].addmm_(y[:, :, -1].to(torch.float32), shift)
+        return ((0 if unpack is None else unpack.nbytes) + 4 * sums.numel()
+                + 4 * floats.numel())
+
+    if workers == 1:
+        held = work()
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="blocks") as pool:
+            held = sum(pool.map(lambda _: work(), range(workers)))
     if on_block is not None:
-        on_block((0 if unpack is None else unpack.nbytes) + 4 * sums.numel()
-                 + 4 * floats.numel() + op.ints.numel())
-    for r0 in range(0, k, height):
-        r1 = min(k, r0 + height)
-        h = r1 - r0
-        if unpack is None:
-            a = resident[r0:r1]  # type: ignore[index]
-        else:
-            a = unpack(packed[r0:r1] if rows is None else packed[rows[r0:r1]])
-        y = sums[: h * small]
-        torch._int_mm(a.reshape(h * small, large), op.ints, out=y)
-        # integers of at most `large` * 128 in magnitude: exact in float32 up to 2**17 inputs
-        y = y.view(h, small, op.columns)
-        yf = floats[:h]
-        yf.copy_(y[:, :, : digits * batch].view(h, small, digits, batch)).mul_(wt)
-        torch.sum(yf.view(h, small * digits, batch), 1, out=result[r0:r1])
-        if shift is not None:
-            result[r0:r1].addmm_(y[:, :, -1].to(torch.float32), shift)
+        on_block(held + op.ints.numel())
     return result.T.contiguous()
 
 

@@ -134,7 +134,8 @@ def _factor(layer: MaskedLayer, x: torch.Tensor, g: torch.Tensor) -> Factor:
 def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
                      factors: dict[str, Factor], *, digits: int = 2,
                      budget_bytes: int = 16 << 20, peak: list[int] | None = None,
-                     resident: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                     resident: dict[str, torch.Tensor] | None = None,
+                     workers: int = 1) -> torch.Tensor:
     """(B, len(rows)) dObj_b/dalpha_i from per-query factors: one pass over the bank's rows.
     `resident` holds layers' `signed_masks` of these rows, read instead of unpacking the bits."""
     layers = net.masked_layers()
@@ -150,7 +151,8 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
             weight = layers[key].weight.to(bank.device)
             part = linear_alpha_gradients(bank.packed(key), indexed, weight, f.to(bank.device),
                                           digits=digits, budget_bytes=budget_bytes,
-                                          on_block=note, resident=(resident or {}).get(key))
+                                          on_block=note, resident=(resident or {}).get(key),
+                                          workers=workers)
         else:
             note(f.numel() * f.element_size())
             part = bank.alpha_gradient_batched(key, rows, f.to(bank.device))
@@ -186,12 +188,18 @@ class InferenceEngine:
     their packed bytes), fit in it, they are unpacked once here and each pass reads them instead
     of unpacking the bits again (for processes answering many passes: served models, evaluation
     workers); `resident_nbytes` says what they hold. 0 keeps only the packed bank.
+
+    `workers` > 1: the int8 product's task blocks are taken by that many threads, each running
+    its kernels alone (for `torch.set_num_threads(1)` callers). Kernels of several threads wait
+    for their slowest thread at every operation; where other processes share the cores (a
+    served model's HTTP front) a thread held off a core then delays only its own blocks. The
+    budget is shared among them; blocks of the same height give the same gradients.
     """
 
     def __init__(self, net: SupermaskNet, bank: MaskBank, *, objective: str = "entropy",
                  task_ids: Sequence[int] | None = None, digits: int = 2,
                  block_queries: int = 256, budget_bytes: int = 16 << 20,
-                 resident_bytes: int = 0) -> None:
+                 resident_bytes: int = 0, workers: int = 1) -> None:
         if bank.num_tasks == 0:
             raise ValueError("the mask bank is empty: learn or load at least one task first")
         device = _net_device(net)
@@ -203,9 +211,12 @@ class InferenceEngine:
             raise ValueError(f"digits must be 2 or 3 (fixed-point precision), got {digits}")
         if block_queries < 1:
             raise ValueError(f"block_queries must be at least 1, got {block_queries}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         get_objective(objective, net.spec.num_classes)  # names a bad objective now
         self.net, self.bank, self.objective = net, bank, objective
         self.digits, self.block_queries, self.budget_bytes = digits, block_queries, budget_bytes
+        self.workers = workers
         self.rows = bank.rows(task_ids)
         self.candidates = torch.tensor([bank.task_ids[r] for r in self.rows.tolist()])
         self.mixture = Mixture.of(bank, self.rows)
@@ -235,7 +246,8 @@ class InferenceEngine:
             peak = [0]
             out.append(factor_gradients(self.bank, self.rows, self.net, factors,
                                         digits=self.digits, budget_bytes=self.budget_bytes,
-                                        peak=peak, resident=self.resident).cpu())
+                                        peak=peak, resident=self.resident,
+                                        workers=self.workers).cpu())
             factor_bytes = sum(f.x.numel() * 4 + f.g.numel() * 4 if isinstance(f, LinearFactors)
                                else f.numel() * f.element_size() for f in factors.values())
             self.peak_block_bytes = max(self.peak_block_bytes, peak[0] + factor_bytes)

@@ -69,13 +69,15 @@ class Answerer:
     answering installs bindings on the shared network, so callers answer one batch at a time."""
 
     def __init__(self, net: SupermaskNet, bank: MaskBank | None,
-                 sharded: Engine | None = None, *, resident_bytes: int = 0) -> None:
+                 sharded: Engine | None = None, *, resident_bytes: int = 0,
+                 workers: int = 1) -> None:
         """`bank` held here, or (`bank` None) a `sharded` engine answering for the bank's shards
         (pipeline.serve.shards.ShardedBank: one-shot, per example, its one objective).
-        `resident_bytes`: the engine's budget for masks unpacked once (`InferenceEngine`)."""
+        `resident_bytes`, `workers`: the engine's budget for masks unpacked once and threads
+        sharing a pass's task blocks (`InferenceEngine`)."""
         self.net = net.eval()
         self.bank = bank
-        self.resident_bytes = resident_bytes
+        self.resident_bytes, self.workers = resident_bytes, workers
         self.engines: dict[str, Engine] = {}
         if sharded is not None:
             self.engines[sharded.objective] = sharded
@@ -88,7 +90,8 @@ class Answerer:
                     f"objective {objective!r}: this version is served by shards that answer "
                     f"with objective {next(iter(self.engines))!r} only; leave objective out")
             self.engines[objective] = InferenceEngine(self.net, self.bank, objective=objective,
-                                                      resident_bytes=self.resident_bytes)
+                                                      resident_bytes=self.resident_bytes,
+                                                      workers=self.workers)
         return self.engines[objective]
 
     def answer(self, x: torch.Tensor, method: str = "one_shot",

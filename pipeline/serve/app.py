@@ -81,9 +81,15 @@ class BankReplica:
 
         quiet()
         config = ServeSection.model_validate(settings)
-        torch.set_num_threads(config.threads or max(1, math.ceil(config.num_cpus)))
+        threads = config.threads or max(1, math.ceil(config.num_cpus))
         self.device = torch.device(
             "cuda" if config.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        # On a CPU, a pass splits the bank's task blocks among `threads` threads, each running
+        # single-threaded kernels (InferenceEngine(workers=)): beside the HTTP front on the same
+        # cores, a thread that waits for a core holds back only its own blocks, where kernels
+        # of several threads wait for the slowest one at every operation.
+        workers = threads if self.device.type == "cpu" else 1
+        torch.set_num_threads(threads // workers)
         with tempfile.TemporaryDirectory(prefix="supsup-serve-") as tmp:
             _, source = model_source(version.model_uri, version.tracking_uri, tmp)
             if source.snapshot_sha256 != version.snapshot:
@@ -96,12 +102,13 @@ class BankReplica:
 
                 sharded = ShardedBank.from_source(source, config.shards, objective=objective,
                                                   device=str(self.device),
-                                                  threads=torch.get_num_threads())
+                                                  threads=threads)
                 self.answerer = Answerer(sharded.net, None, sharded)
             else:
                 bank, spec = load_bank(source, self.device)
                 self.answerer = Answerer(build_network(spec).to(self.device).eval(), bank,
-                                         resident_bytes=config.resident_mib << 20)
+                                         resident_bytes=config.resident_mib << 20,
+                                         workers=workers)
         self.version = version
         self.shards = config.shards
         self.answerer.engine(objective)  # the bank's mixture, made now and not on a request

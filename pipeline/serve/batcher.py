@@ -3,12 +3,18 @@
 `Batcher(send, slots, max_batch_size, wait_s)`: `await batcher.submit(item)` returns the item's
 answer from `send(items) -> answers` (one answer per item, in order). Each of `slots` senders
 (one per bank replica) takes a batch only when it is free: everything that queued while its
-previous batch was being answered and whatever arrives within `wait_s` of taking the first,
-up to `max_batch_size`.
+previous batch was being answered, up to `max_batch_size`. When that is fewer requests than its
+previous batch held, it waits up to `wait_s` for the rest: under load, the clients answered by
+the previous batch are sending their next requests, and a pass's cost is mostly reading the
+bank, so two half batches cost nearly twice one full batch. At low load (a previous batch of
+one) nothing waits.
 
 Why not `@serve.batch`: it forms a batch as soon as its wait ends and only then waits for a free
 slot (`max_concurrent_batches`), so under load many small batches queue behind one slot; measured
 on a 2,500-task bank with 64 clients, batches of 1-4 requests, each paying a pass over the bank.
+And without the wait for the previous batch's size, 64 clients settled into alternating batches
+of 62 and 2 requests (the 2 that arrived first while the 62 answers were still on their way),
+measured at 71 requests/s against 84 with it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Batcher(Generic[T, R]):
         self.send, self.slots = send, slots
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
         self.sizes: list[int] = []  # every batch sent, in order: what batching achieved
+        self._last = 1  # the size of the batch sent last: how many requests to wait for
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
         self._senders: list[asyncio.Task[None]] = []
 
@@ -50,17 +57,19 @@ class Batcher(Generic[T, R]):
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
+        target = min(self.max_batch_size, self._last)
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if len(batch) >= target or remaining <= 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
+        self._last = len(batch)
         return [(item, future) for item, future in batch if not future.cancelled()]
 
     async def _sender(self) -> None:

@@ -50,6 +50,33 @@ def test_requests_that_wait_during_a_batch_make_the_next_batch() -> None:
     assert sum(len(b) for b in batches) == 7
 
 
+def test_a_batch_smaller_than_the_last_waits_for_the_rest_and_a_lone_request_does_not() -> None:
+    """Under load the next batch waits (up to wait_s, here never reached) for as many requests
+    as the previous one held; a lone request after a batch of one goes at once."""
+    batches: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return [i * 10 for i in items]
+
+    async def scenario() -> list[int]:
+        batcher = Batcher(send, slots=1, max_batch_size=8, wait_s=3600.0)
+        alone = await asyncio.wait_for(batcher.submit(0), 10)  # no wait: last batch held 1
+        await asyncio.gather(*[batcher.submit(i) for i in (1, 2, 3, 4)])  # taken as queued
+        early = [asyncio.create_task(batcher.submit(i)) for i in (5, 6)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(batches) == 2  # 5 and 6 wait for two more
+        late = [asyncio.create_task(batcher.submit(i)) for i in (7, 8)]
+        answers = await asyncio.gather(*early, *late)
+        batcher.close()
+        return [alone, *answers]
+
+    answers = asyncio.run(scenario())
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert answers == [0, 50, 60, 70, 80]
+
+
 def test_each_slot_takes_its_own_batch_and_errors_reach_every_request_of_theirs() -> None:
     async def scenario() -> tuple[list[list[int]], list[object]]:
         seen: list[list[int]] = []

@@ -202,11 +202,41 @@ def test_resident_masks_answer_bit_for_bit_like_the_packed_bank(inputs: str) -> 
     assert too_small.resident_nbytes == 0  # all layers or none: the bank stays packed
 
 
+def test_task_blocks_shared_among_threads_answer_like_one_thread() -> None:
+    """workers=3 splits each layer's task blocks among threads (single-threaded kernels). Blocks
+    of the same height (here one task each: a budget too small for two) give the one-thread
+    gradients bit for bit, packed or resident; blocks of other heights round their float sums
+    differently, within float32 rounding, and every answer is the same."""
+    net = _fc(hidden=(64, 32))
+    ids = list(range(11))
+    bank = _random_bank(net, ids)
+    x = _inputs("pixels", 24, seed=5)
+    weights = sum(s[0] * s[1] for s in net.layer_shapes().values())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # float sums of several threads may round otherwise
+        for resident in (0, len(ids) * weights):
+            for budget in (1, 16 << 20):
+                one = InferenceEngine(net, bank, block_queries=16, resident_bytes=resident,
+                                      budget_bytes=budget).gradients(x)
+                shared = InferenceEngine(net, bank, block_queries=16, workers=3,
+                                         resident_bytes=resident, budget_bytes=budget)
+                got = shared.gradients(x)
+                if budget == 1:
+                    assert torch.equal(got, one)
+                torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-7)
+                assert torch.equal(got.argmin(1), one.argmin(1))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_settings_are_named() -> None:
     net = _fc()
     bank = _random_bank(net, [0, 1])
     with pytest.raises(ValueError, match="digits must be 2 or 3"):
         InferenceEngine(net, bank, digits=5)
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        InferenceEngine(net, bank, workers=0)
     with pytest.raises(ValueError, match="the mask bank is empty"):
         InferenceEngine(net, MaskBank(net.layer_shapes()))
     with pytest.raises(ValueError, match="unknown inference method 'nope'"):
