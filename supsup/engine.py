@@ -29,7 +29,7 @@ from supsup.bilinear import (
     linear_alpha_gradients,
     signed_masks,
 )
-from supsup.binding import bind, use_task
+from supsup.binding import _TaskBinding, bind, use_task
 from supsup.inference import InferenceResult, _confidence, _MixtureBinding, alpha_gradients
 from supsup.layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from supsup.networks import SupermaskNet
@@ -176,6 +176,24 @@ def _resident_masks(net: SupermaskNet, bank: MaskBank, rows: torch.Tensor,
             for key, layer in layers.items()}
 
 
+class _ResidentTask(_TaskBinding):
+    """One task's masks read from an engine's resident int8 A_i (|A_i| = M_i, in the kernel's
+    layout), other layers' masks and BN statistics from the bank."""
+
+    def __init__(self, bank: MaskBank, task_id: int, resident: dict[str, torch.Tensor],
+                 index: int) -> None:
+        super().__init__(bank, task_id)
+        self.resident, self.index = resident, index
+
+    def mask(self, layer: MaskedLayer) -> torch.Tensor:
+        if layer.key not in self.resident:
+            return super().mask(layer)
+        out_f, in_f = layer.weight.shape
+        a = self.resident[layer.key][self.index]
+        a = a.view(in_f, out_f).T if out_f > in_f else a.view(out_f, in_f)  # see _Unpacker
+        return a.abs().to(layer.weight.dtype)
+
+
 class InferenceEngine:
     """One-shot (and binary) task inference for batches of queries, each query on its own.
 
@@ -222,6 +240,7 @@ class InferenceEngine:
         self.mixture = Mixture.of(bank, self.rows)
         self.peak_block_bytes = 0
         self.resident = _resident_masks(net, bank, self.rows, resident_bytes)
+        self._position: dict[int, int] | None = None  # task id -> its candidate index
 
     @property
     def resident_nbytes(self) -> int:
@@ -286,8 +305,24 @@ class InferenceEngine:
         return best, passes
 
     def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) class of each query under its own task's mask (the first num_classes outputs)."""
-        return classify(self.net, self.bank, x, task_ids)
+        """(B,) class of each query under its own task's mask (the first num_classes outputs).
+        Resident masks give the bank's 0/1 masks without unpacking bits (the same forward)."""
+        if not self.resident:
+            return classify(self.net, self.bank, x, task_ids)
+        if self._position is None:
+            self._position = {int(t): j for j, t in enumerate(self.candidates.tolist())}
+        device = _net_device(self.net)
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        self.net.eval()
+        for t in task_ids.unique().tolist():
+            sel = task_ids == t
+            j = self._position.get(int(t))
+            binding = (_TaskBinding(self.bank, int(t)) if j is None
+                       else _ResidentTask(self.bank, int(t), self.resident, j))
+            with bind(self.net, binding), torch.no_grad():
+                logits = self.net(x[sel].to(device))[:, : self.net.spec.num_classes]
+            out[sel] = logits.argmax(-1).cpu()
+        return out
 
 
 def classify(net: SupermaskNet, bank: MaskBank, x: torch.Tensor,

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from supsup.bank import MaskBank
-from supsup.binding import bind
-from supsup.engine import InferenceEngine, Mixture, factor_gradients, query_factors
+from supsup.binding import bind, use_task
+from supsup.engine import (
+    InferenceEngine,
+    Mixture,
+    _ResidentTask,
+    factor_gradients,
+    query_factors,
+)
 from supsup.inference import _MixtureBinding, alpha_gradients, infer_task
 from supsup.networks import SupermaskNet, build_network
 from supsup.objectives import get_objective
@@ -200,6 +206,31 @@ def test_resident_masks_answer_bit_for_bit_like_the_packed_bank(inputs: str) -> 
     assert torch.equal(resident.gradients(x), packed.gradients(x))
     too_small = InferenceEngine(net, bank, resident_bytes=len(ids) * weights - 1)
     assert too_small.resident_nbytes == 0  # all layers or none: the bank stays packed
+
+
+def test_resident_masks_classify_exactly_like_the_bank() -> None:
+    """Classes under each query's task read from the resident int8 masks (both of the kernel's
+    layouts: a layer with more outputs than inputs is stored transposed) equal the bank's
+    forward bit for bit; a task outside the engine's candidates is read from the bank."""
+    net = build_network(name="fc", hidden=(16, 8), num_outputs=40, num_classes=CLASSES,
+                        input_shape=(1, SIDE, SIDE))
+    ids = list(range(9))
+    bank = _random_bank(net, ids)
+    x = _inputs("normal", 30, seed=6)
+    task_ids = torch.tensor([i % 9 for i in range(30)])
+    subset = [8, 2, 5, 0, 1, 3, 4, 6]  # 7 is not a candidate
+    resident = InferenceEngine(net, bank, task_ids=subset, resident_bytes=1 << 20)
+    assert resident.resident_nbytes > 0
+    want = torch.empty(30, dtype=torch.long)
+    for b in range(30):
+        with use_task(net, bank, int(task_ids[b])), torch.no_grad():
+            want[b] = net(x[b:b + 1])[0, :CLASSES].argmax()
+    assert torch.equal(resident.classify(x, task_ids), want)
+    assert torch.equal(InferenceEngine(net, bank).classify(x, task_ids), want)
+    with bind(net, _ResidentTask(bank, 8, resident.resident, 0)), torch.no_grad():
+        from_resident = net(x)  # candidate 0 is task 8
+    with use_task(net, bank, 8), torch.no_grad():
+        assert torch.equal(from_resident, net(x))  # the logits too, not only their argmax
 
 
 def test_task_blocks_shared_among_threads_answer_like_one_thread() -> None:
