@@ -166,14 +166,17 @@ def integer_grid(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch
     return (p - 128).to(torch.int8).T.contiguous(), unit, lo + 128 * unit
 
 
-def integer_operand(values: torch.Tensor, digits: int) -> Operand:
+def integer_operand(values: torch.Tensor, digits: int, ones: bool = True) -> Operand:
     """(B, m) factor -> its `Operand`: one exact digit on an 8-bit grid (a network's input
-    pixels), else `digits` fixed-point digits."""
+    pixels), else `digits` fixed-point digits. `ones=False`: no column of ones on a grid (the
+    caller has each task's row sums)."""
     grid = integer_grid(values, digits)
     if grid is not None:
         q, unit, offset = grid
-        ones = torch.ones(q.shape[0], 1, dtype=torch.int8, device=q.device)
-        return Operand(torch.cat([q, ones], 1), unit, 1, offset)
+        if not ones:
+            return Operand(q, unit, 1, offset)
+        ones_column = torch.ones(q.shape[0], 1, dtype=torch.int8, device=q.device)
+        return Operand(torch.cat([q, ones_column], 1), unit, 1, offset)
     ints, unit = fixed_point_digits(values, digits)
     return Operand(ints.contiguous(), unit, digits, None)
 
@@ -227,6 +230,13 @@ def signed_masks(packed: torch.Tensor, rows: torch.Tensor | None, weight: torch.
     return out
 
 
+def signed_row_sums(resident: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(k, smaller side) float32 sums of each row of `signed_masks` over the larger side: what
+    a column of ones gives the product (exact: integers of at most the larger side)."""
+    small, large = sorted(weight.shape)
+    return resident.view(-1, small, large).sum(-1, dtype=torch.int32).to(torch.float32)
+
+
 def linear_alpha_gradients(
     packed: torch.Tensor,
     rows: torch.Tensor | None,
@@ -239,6 +249,7 @@ def linear_alpha_gradients(
     integer: bool | None = None,
     resident: torch.Tensor | None = None,
     workers: int = 1,
+    row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, k) float32 dH_b/dalpha_i = g_b^T (M_i * W) x_b for the bank's `rows` (every row when
     None) of one linear layer: `packed` (K, nbytes) rows of (out, in) masks, `weight` (out, in)
@@ -250,7 +261,9 @@ def linear_alpha_gradients(
     masks by the float32 factors (GPUs, whose int8 product wants other shapes). `resident`, the
     rows' `signed_masks`, replaces the unpacking of each pass (`packed` and `rows` unused).
     `workers` threads take the blocks one at a time, each with its own buffers within
-    `budget_bytes / workers` (see `InferenceEngine`).
+    `budget_bytes / workers` (see `InferenceEngine`). `row_sums`, the `resident` masks'
+    `signed_row_sums`, replace the column of ones that an 8-bit grid otherwise adds to the
+    product (one column of 65 costs 10% of a product's time at 64 queries).
     """
     if integer is None:
         integer = packed.device.type == "cpu"
@@ -266,7 +279,7 @@ def linear_alpha_gradients(
     transpose = out_f > in_f  # contract over out: A_i^T (in, out) times the digits of g
     fixed, other = (g, x) if transpose else (x, g)
     small, large = other.shape[1], fixed.shape[1]
-    op = integer_operand(fixed, digits)
+    op = integer_operand(fixed, digits, ones=row_sums is None)
     digits = op.digits
     place = torch.tensor([256.0**d for d in range(digits)], dtype=torch.float64, device=device)
     scale = float(weight.abs().reshape(-1)[0])
@@ -308,7 +321,8 @@ def linear_alpha_gradients(
             yf.copy_(y[:, :, : digits * batch].view(h, small, digits, batch)).mul_(wt)
             torch.sum(yf.view(h, small * digits, batch), 1, out=result[r0:r1])
             if shift is not None:
-                result[r0:r1].addmm_(y[:, :, -1].to(torch.float32), shift)
+                sums_ = y[:, :, -1].to(torch.float32) if row_sums is None else row_sums[r0:r1]
+                result[r0:r1].addmm_(sums_, shift)
         return ((0 if unpack is None else unpack.nbytes) + 4 * sums.numel()
                 + 4 * floats.numel())
 

@@ -28,6 +28,7 @@ from supsup.bilinear import (
     is_signed_constant,
     linear_alpha_gradients,
     signed_masks,
+    signed_row_sums,
 )
 from supsup.binding import _TaskBinding, bind, use_task
 from supsup.inference import InferenceResult, _confidence, _MixtureBinding, alpha_gradients
@@ -135,9 +136,11 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
                      factors: dict[str, Factor], *, digits: int = 2,
                      budget_bytes: int = 16 << 20, peak: list[int] | None = None,
                      resident: dict[str, torch.Tensor] | None = None,
-                     workers: int = 1) -> torch.Tensor:
+                     workers: int = 1,
+                     row_sums: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, len(rows)) dObj_b/dalpha_i from per-query factors: one pass over the bank's rows.
-    `resident` holds layers' `signed_masks` of these rows, read instead of unpacking the bits."""
+    `resident` holds layers' `signed_masks` of these rows, read instead of unpacking the bits,
+    and `row_sums` their `signed_row_sums`."""
     layers = net.masked_layers()
     indexed = bank._indexed(rows)  # None: every row in bank order, read without indexing
     total: torch.Tensor | None = None
@@ -152,7 +155,7 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
             part = linear_alpha_gradients(bank.packed(key), indexed, weight, f.to(bank.device),
                                           digits=digits, budget_bytes=budget_bytes,
                                           on_block=note, resident=(resident or {}).get(key),
-                                          workers=workers)
+                                          workers=workers, row_sums=(row_sums or {}).get(key))
         else:
             note(f.numel() * f.element_size())
             part = bank.alpha_gradient_batched(key, rows, f.to(bank.device))
@@ -240,6 +243,9 @@ class InferenceEngine:
         self.mixture = Mixture.of(bank, self.rows)
         self.peak_block_bytes = 0
         self.resident = _resident_masks(net, bank, self.rows, resident_bytes)
+        layers = net.masked_layers()
+        self.row_sums = {key: signed_row_sums(r, layers[key].weight)
+                         for key, r in self.resident.items()}
         self._position: dict[int, int] | None = None  # task id -> its candidate index
 
     @property
@@ -266,7 +272,7 @@ class InferenceEngine:
             out.append(factor_gradients(self.bank, self.rows, self.net, factors,
                                         digits=self.digits, budget_bytes=self.budget_bytes,
                                         peak=peak, resident=self.resident,
-                                        workers=self.workers).cpu())
+                                        workers=self.workers, row_sums=self.row_sums).cpu())
             factor_bytes = sum(f.x.numel() * 4 + f.g.numel() * 4 if isinstance(f, LinearFactors)
                                else f.numel() * f.element_size() for f in factors.values())
             self.peak_block_bytes = max(self.peak_block_bytes, peak[0] + factor_bytes)
