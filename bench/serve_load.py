@@ -58,13 +58,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000, help="single-image requests per server")
     p.add_argument("--clients", type=int, default=64, help="concurrent client threads")
     p.add_argument("--outputs", type=int, default=500, help="lenet outputs (north star: 500)")
-    p.add_argument("--max-batch-size", type=int, default=64, help="serve.max_batch_size")
-    p.add_argument("--batch-wait-s", type=float, default=0.01, help="serve.batch_wait_timeout_s")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="serve.max_batch_size (default: the config's)")
+    p.add_argument("--batch-wait-s", type=float, default=None,
+                   help="serve.batch_wait_timeout_s (default: the config's)")
     p.add_argument("--replica-cpus", type=float, default=1, help="serve.num_cpus of the replica")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of each server's model (serve.threads; OMP_NUM_THREADS "
-                        "of mlflow models serve): on a shared machine, threads that wait for "
-                        "busy cores spin, measured 20x slower with 2 than with 1 at load 14")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads of each server's model (serve.threads; OMP_NUM_THREADS of "
+                        "mlflow models serve, measured fastest with 2 here: 11.7 against 11.0 "
+                        "requests/s with 1); on a loaded machine, 1 (OpenMP threads that wait "
+                        "for busy cores spin, measured 20x slower with 2 than 1 at load 14)")
     p.add_argument("--timeout-s", type=float, default=120, help="one request's timeout")
     p.add_argument("--deadline-s", type=float, default=900, help="one server's whole load")
     p.add_argument("--start-timeout-s", type=float, default=600, help="a server's start")
@@ -309,6 +312,12 @@ def measure(name: str, command: list[str], env: dict[str, str], url: str, health
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    from pipeline.config.sections import ServeSection
+
+    defaults = ServeSection()
+    batching = {"max_batch_size": args.max_batch_size or defaults.max_batch_size,
+                "batch_wait_s": (defaults.batch_wait_timeout_s if args.batch_wait_s is None
+                                 else args.batch_wait_s)}
     with contextlib.ExitStack() as stack:
         if args.keep:
             folder = Path(args.keep)
@@ -329,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             port = free_port()
             command = [str(bin_dir / "supsup"), "serve", model_uri, "--tracking-uri",
                        tracking_uri, "--set", f"serve.port={port}",
-                       "--set", f"serve.max_batch_size={args.max_batch_size}",
-                       "--set", f"serve.batch_wait_timeout_s={args.batch_wait_s}",
+                       *(["--set", f"serve.max_batch_size={args.max_batch_size}"]
+                         if args.max_batch_size is not None else []),
+                       *(["--set", f"serve.batch_wait_timeout_s={args.batch_wait_s}"]
+                         if args.batch_wait_s is not None else []),
                        "--set", f"serve.num_cpus={args.replica_cpus}",
                        "--set", f"serve.threads={args.threads}",
                        "--set", f"cluster.num_cpus={max(2, int(args.replica_cpus + 0.999))}"]
@@ -367,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"supsup serve / mlflow models serve: {ratio:.1f}x the requests per second "
               "(goal at 2,500 tasks and 64 clients: 10x, p95 under 1 s)")
     emit_json("serve_load", tasks=args.tasks, requests=args.requests, clients=args.clients,
-              max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s,
+              **batching,
               replica_cpus=args.replica_cpus, threads=args.threads, build=built,
               machine=machine(),
               **{name: results.get(name) for name in ("supsup_serve", "mlflow_serve")})
