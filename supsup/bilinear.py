@@ -234,7 +234,11 @@ def signed_row_sums(resident: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     """(k, smaller side) float32 sums of each row of `signed_masks` over the larger side: what
     a column of ones gives the product (exact: integers of at most the larger side)."""
     small, large = sorted(weight.shape)
-    return resident.view(-1, small, large).sum(-1, dtype=torch.int32).to(torch.float32)
+    a = resident.view(-1, small, large)
+    out = torch.empty(a.shape[0], small, dtype=torch.float32, device=a.device)
+    for r0 in range(0, a.shape[0], 64):  # a block at a time: the sum widens its input to int32
+        out[r0:r0 + 64] = a[r0:r0 + 64].sum(-1, dtype=torch.int32)
+    return out
 
 
 def linear_alpha_gradients(
