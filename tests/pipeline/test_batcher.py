@@ -77,6 +77,34 @@ def test_a_batch_smaller_than_the_last_waits_for_the_rest_and_a_lone_request_doe
     assert answers == [0, 50, 60, 70, 80]
 
 
+def test_requests_seen_at_once_make_full_batches_not_alternating_halves() -> None:
+    """Four requests are being answered while four more queue: the next batch waits (wait_s is
+    never reached here) for the first four's clients to send again, so batches are of eight,
+    not halves of four taking turns."""
+    async def scenario() -> list[list[int]]:
+        send = HeldSender()
+        batcher = Batcher(send, slots=1, max_batch_size=8, wait_s=3600.0)
+        first = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
+        await send.started.wait()  # [0, 1, 2, 3] is being answered
+        second = [asyncio.create_task(batcher.submit(i)) for i in range(4, 8)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        send.release.set()
+        await asyncio.gather(*first)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(send.batches) == 1  # 4..7 wait for the clients just answered
+        again = [asyncio.create_task(batcher.submit(i)) for i in range(8, 12)]
+        while len(send.batches) < 2:
+            await asyncio.sleep(0)
+        send.release.set()
+        await asyncio.gather(*second, *again)
+        batcher.close()
+        return send.batches
+
+    assert asyncio.run(scenario()) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+
+
 def test_each_slot_takes_its_own_batch_and_errors_reach_every_request_of_theirs() -> None:
     async def scenario() -> tuple[list[list[int]], list[object]]:
         seen: list[list[int]] = []
