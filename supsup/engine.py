@@ -16,7 +16,7 @@ The pieces are apart so that a bank split across processes (shards of task range
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ from supsup.bilinear import (
     signed_masks,
     signed_row_sums,
 )
-from supsup.binding import _TaskBinding, bind, use_task
+from supsup.binding import _TaskBinding, bind
 from supsup.inference import InferenceResult, _confidence, _MixtureBinding, alpha_gradients
 from supsup.layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from supsup.networks import SupermaskNet
@@ -246,7 +246,7 @@ class InferenceEngine:
         layers = net.masked_layers()
         self.row_sums = {key: signed_row_sums(r, layers[key].weight)
                          for key, r in self.resident.items()}
-        self._position: dict[int, int] | None = None  # task id -> its candidate index
+        self._position = {int(t): j for j, t in enumerate(self.candidates.tolist())}
 
     @property
     def resident_nbytes(self) -> int:
@@ -313,34 +313,25 @@ class InferenceEngine:
     def classify(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """(B,) class of each query under its own task's mask (the first num_classes outputs).
         Resident masks give the bank's 0/1 masks without unpacking bits (the same forward)."""
-        if not self.resident:
-            return classify(self.net, self.bank, x, task_ids)
-        if self._position is None:
-            self._position = {int(t): j for j, t in enumerate(self.candidates.tolist())}
-        device = _net_device(self.net)
-        out = torch.empty(x.shape[0], dtype=torch.long)
-        self.net.eval()
-        for t in task_ids.unique().tolist():
-            sel = task_ids == t
-            j = self._position.get(int(t))
-            binding = (_TaskBinding(self.bank, int(t)) if j is None
-                       else _ResidentTask(self.bank, int(t), self.resident, j))
-            with bind(self.net, binding), torch.no_grad():
-                logits = self.net(x[sel].to(device))[:, : self.net.spec.num_classes]
-            out[sel] = logits.argmax(-1).cpu()
-        return out
+        def binding(t: int) -> _TaskBinding:
+            j = self._position.get(t)
+            return (_TaskBinding(self.bank, t) if j is None
+                    else _ResidentTask(self.bank, t, self.resident, j))
+        return classify(self.net, self.bank, x, task_ids, binding if self.resident else None)
 
 
-def classify(net: SupermaskNet, bank: MaskBank, x: torch.Tensor,
-             task_ids: torch.Tensor) -> torch.Tensor:
+def classify(net: SupermaskNet, bank: MaskBank, x: torch.Tensor, task_ids: torch.Tensor,
+             binding: Callable[[int], _TaskBinding] | None = None) -> torch.Tensor:
     """(B,) class of each query of `x` under its own task's mask in `bank`: one forward per
-    distinct task, over that task's queries."""
+    distinct task, over that task's queries; `binding(task)` supplies its masks (default:
+    unpacked from the bank's bits)."""
     device = _net_device(net)
     out = torch.empty(x.shape[0], dtype=torch.long)
     net.eval()
     for t in task_ids.unique().tolist():
         sel = task_ids == t
-        with use_task(net, bank, int(t)), torch.no_grad():
+        with bind(net, (binding or (lambda t: _TaskBinding(bank, t)))(int(t))), \
+                torch.no_grad():
             logits = net(x[sel].to(device))[:, : net.spec.num_classes]
         out[sel] = logits.argmax(-1).cpu()
     return out

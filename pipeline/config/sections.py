@@ -336,8 +336,8 @@ class ServeSection(Section):
     num_gpus: Float = Field(0, ge=0)  # > 0: the replica answers on its GPU
     threads: Int | None = Field(None, ge=1)  # threads per replica; None: from num_cpus
     max_batch_size: Int = Field(64, ge=1)  # requests answered in one pass
-    # at most this long a pass waits for as many requests as the previous one held (under load
-    # the answered clients are sending their next; at low load nothing waits)
+    # at most this long a pass waits for its share of the requests lately seen at once (under
+    # load the answered clients are sending their next; at low load nothing waits)
     batch_wait_timeout_s: Float = Field(0.25, ge=0)
     max_rows_per_request: Int = Field(256, ge=1)  # a larger request is a 400 naming this key
     # per replica: the masks unpacked to int8 once (8x the packed bytes) when they fit in this
