@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from supsup.fixed_point import fixed_point_step, integer_operand
+
 _SELECT = (128, 64, 32, 16, 8, 4, 2, 1)  # weight 8b + i is bit (7 - i) of byte b (pack_bits)
 
 
@@ -47,32 +49,6 @@ class LinearFactors:
 
     def to(self, device: torch.device | str) -> LinearFactors:
         return LinearFactors(self.x.to(device), self.g.to(device))
-
-
-def fixed_point_bits(digits: int) -> int:
-    """Magnitude bits a value may use in `digits` balanced int8 digits with room for carries."""
-    return 8 * digits - 2
-
-
-def _step(values: torch.Tensor, digits: int) -> torch.Tensor:
-    """(B,) float64 fixed-point step of each row: 2**-bits of its largest |value| (1 for zeros)."""
-    top = values.abs().amax(1).to(torch.float64)
-    return torch.where(top > 0, top, torch.ones_like(top)) / 2.0 ** fixed_point_bits(digits)
-
-
-def fixed_point_digits(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, m) float -> int8 operand (m, digits * B), column d * B + b holding digit d of row b
-    (least significant first, each in [-128, 127] but the last), and the (B,) float64 steps."""
-    unit = _step(values, digits)
-    q = torch.round(values.to(torch.float64) / unit[:, None]).to(torch.int32)  # |q| <= 2**bits
-    out = torch.empty(digits, *q.shape, dtype=torch.int8, device=values.device)
-    low = torch.empty_like(q)
-    for d in range(digits - 1):
-        torch.add(q, 128, out=low).bitwise_and_(255).sub_(128)
-        out[d].copy_(low)
-        q.sub_(low).bitwise_right_shift_(8)  # exact: q - low is a multiple of 256
-    out[-1].copy_(q)
-    return out.permute(2, 0, 1).reshape(values.shape[1], digits * values.shape[0]), unit
 
 
 @functools.cache
@@ -110,75 +86,6 @@ def task_block(small: int, large: int, columns: int, budget_bytes: int) -> int:
     float copy, (tasks, small, columns), fit in `budget_bytes`."""
     per_task = 3 * small * large + small * large // 8 * 8 + small * columns * 8
     return max(1, budget_bytes // per_task)
-
-
-@dataclass(frozen=True)
-class Operand:
-    """The larger side of a block of queries in int8 columns, and how each query reads them.
-
-    Digits: column d * B + b holds digit d of query b, worth 256**d * unit_b. An 8-bit grid
-    (`integer_grid`): column b holds q_b, worth unit_b, and one last column of ones gives each
-    task's row sums, worth offset_b to every query."""
-
-    ints: torch.Tensor  # (large, columns) int8
-    unit: torch.Tensor  # (B,) float64
-    digits: int
-    offset: torch.Tensor | None  # (B,) float64 on a grid, else None
-
-    @property
-    def columns(self) -> int:
-        return int(self.ints.shape[1])
-
-
-def integer_grid(values: torch.Tensor, digits: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                             torch.Tensor] | None:
-    """Rows of 8-bit data, however normalised (pixels: (p / 255 - mean) / std), in one int8
-    digit exactly: values[b] = offset_b + unit_b * q_b with integer q in [-128, 127].
-
-    Returns (q (m, B) int8, unit (B,), offset (B,)) when every row is within a quarter of its
-    `digits` fixed-point step of such a grid (so `rounding_bound` holds either way), else None.
-    The step divides the smallest gap between a row's distinct values: the gap over m for the
-    smallest m = 1, 2, ... that puts every value of the row on the grid (within 255 steps), then
-    refined to the row's range over its number of steps."""
-    v = values.to(torch.float64)
-    lo, hi = v.amin(1), v.amax(1)
-    span = hi - lo
-    gaps = v.sort(1).values.diff(1)
-    gap = torch.where(gaps > span[:, None] * 1e-9, gaps, torch.inf).amin(1)
-    gap = torch.where(span > 0, gap, torch.ones_like(gap))  # constant rows: any step
-    tolerance = _step(values, digits) / 4
-    unit = torch.full_like(span, torch.nan)
-    for m in range(1, 256):
-        todo = unit.isnan()
-        if not bool(todo.any()):
-            break
-        step = gap / m
-        if bool((span[todo] / step[todo] > 255.5).any()):
-            return None  # a row the grid cannot hold in 256 levels
-        p = torch.round((v - lo[:, None]) / step[:, None])
-        error = (v - (lo[:, None] + step[:, None] * p)).abs().amax(1)
-        unit = torch.where(todo & (error <= tolerance), step, unit)
-    if bool(unit.isnan().any()):
-        return None
-    levels = torch.round(span / unit)
-    unit = torch.where(levels > 0, span / levels.clamp(min=1), unit)  # the step over the range
-    p = torch.round((v - lo[:, None]) / unit[:, None])
-    return (p - 128).to(torch.int8).T.contiguous(), unit, lo + 128 * unit
-
-
-def integer_operand(values: torch.Tensor, digits: int, ones: bool = True) -> Operand:
-    """(B, m) factor -> its `Operand`: one exact digit on an 8-bit grid (a network's input
-    pixels), else `digits` fixed-point digits. `ones=False`: no column of ones on a grid (the
-    caller has each task's row sums)."""
-    grid = integer_grid(values, digits)
-    if grid is not None:
-        q, unit, offset = grid
-        if not ones:
-            return Operand(q, unit, 1, offset)
-        ones_column = torch.ones(q.shape[0], 1, dtype=torch.int8, device=q.device)
-        return Operand(torch.cat([q, ones_column], 1), unit, 1, offset)
-    ints, unit = fixed_point_digits(values, digits)
-    return Operand(ints.contiguous(), unit, digits, None)
 
 
 class _Unpacker:
@@ -377,8 +284,10 @@ def rounding_bound(weight: torch.Tensor, factors: LinearFactors, counts: torch.T
     scale = float(weight.abs().reshape(-1)[0])
     m = counts.to(torch.float64)
     if out_f > in_f:
-        return 0.5 * scale * _step(g, digits)[:, None] * torch.einsum("koi,bi->bk", m, x.abs())
-    return 0.5 * scale * _step(x, digits)[:, None] * torch.einsum("koi,bo->bk", m, g.abs())
+        step = fixed_point_step(g, digits)[:, None]
+        return 0.5 * scale * step * torch.einsum("koi,bi->bk", m, x.abs())
+    step = fixed_point_step(x, digits)[:, None]
+    return 0.5 * scale * step * torch.einsum("koi,bo->bk", m, g.abs())
 
 
 def linear_exact(masks: torch.Tensor, weight: torch.Tensor, factors: LinearFactors

@@ -12,15 +12,13 @@ import torch
 
 from supsup.bilinear import (
     LinearFactors,
-    fixed_point_digits,
-    integer_grid,
-    integer_operand,
     is_signed_constant,
     linear_alpha_gradients,
     linear_exact,
     rounding_bound,
     signed_masks,
 )
+from supsup.fixed_point import fixed_point_digits, integer_grid, integer_operand
 from supsup.masks import pack_bits
 
 # (out, in): in >= out and out > in (the transposed product); layers ending mid-byte
@@ -99,21 +97,27 @@ def test_signed_constants_are_recognised() -> None:
 
 def _pixels(batch: int, m: int, seed: int) -> torch.Tensor:
     """Normalised 8-bit data as a loader gives it: (p / 255 - mean) / std in float32; one row
-    blank, one using every 3rd level (its smallest gap is not its step: levels 0, 3, 7, ...)."""
+    blank, one using every 3rd level (its smallest gap is not its step: levels 0, 3, 7, ...),
+    one whose brightest level is 254 (the others' step, not its range over 255)."""
     g = torch.Generator().manual_seed(seed)
     p = torch.randint(0, 256, (batch, m), generator=g)
+    p[:, -1] = 255
     p[0] = 0
     p[1] = torch.tensor([0, 3, 7] * m)[:m] * 30 % 256
+    p[2] = p[2].clamp(max=254)
     return (p.float() / 255.0 - 0.1307) / 0.3081
 
 
 def test_pixels_take_one_exact_digit_and_other_values_keep_their_digits() -> None:
     values = _pixels(6, 50, seed=2)
-    grid = integer_grid(values, 2)
-    assert grid is not None
-    q, unit, offset = grid
-    back = offset[None, :] + unit[None, :] * q.double()
-    assert float((back - values.T.double()).abs().max()) <= 1e-6
+    # all rows together (each on its range's step or the others'), and alone (rows 1 and 2
+    # span fewer than 256 levels: with no other row to share a step, they search for theirs)
+    for rows in (values, values[1:2], values[2:3], values[:1]):
+        grid = integer_grid(rows, 2)
+        assert grid is not None
+        q, unit, offset = grid
+        back = offset[None, :] + unit[None, :] * q.double()
+        assert float((back - rows.T.double()).abs().max()) <= 1e-6
     assert integer_operand(values, 2).digits == 1
     continuous = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)).relu()
     assert integer_grid(continuous, 2) is None and integer_operand(continuous, 3).digits == 3
