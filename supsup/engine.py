@@ -35,6 +35,7 @@ from supsup.inference import InferenceResult, _confidence, _MixtureBinding, alph
 from supsup.layers import MaskedConv2d, MaskedLayer, MaskedLinear
 from supsup.networks import SupermaskNet
 from supsup.objectives import get_objective
+from supsup.sparse_input import UnitMasks, sparse_alpha_gradients, unit_masks
 
 Factor = LinearFactors | torch.Tensor  # a linear layer's factors, or (B, n) dObj/dmixture
 # Fewer queries than this take the one-image path each: a pass unpacks every mask to int8, which
@@ -137,10 +138,12 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
                      budget_bytes: int = 16 << 20, peak: list[int] | None = None,
                      resident: dict[str, torch.Tensor] | None = None,
                      workers: int = 1,
-                     row_sums: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                     row_sums: dict[str, torch.Tensor] | None = None,
+                     units: dict[str, UnitMasks] | None = None) -> torch.Tensor:
     """(B, len(rows)) dObj_b/dalpha_i from per-query factors: one pass over the bank's rows.
     `resident` holds layers' `signed_masks` of these rows, read instead of unpacking the bits,
-    and `row_sums` their `signed_row_sums`."""
+    `row_sums` their `signed_row_sums`, and `units` layers' `unit_masks`, whose products skip
+    the inputs each query leaves at rest (`supsup.sparse_input`) when the pass suits them."""
     layers = net.masked_layers()
     indexed = bank._indexed(rows)  # None: every row in bank order, read without indexing
     total: torch.Tensor | None = None
@@ -150,13 +153,17 @@ def factor_gradients(bank: MaskBank, rows: torch.Tensor, net: SupermaskNet,
             peak[0] = max(peak[0], nbytes)
 
     for key, f in factors.items():
-        if isinstance(f, LinearFactors):
+        part = None
+        if isinstance(f, LinearFactors) and units and key in units:
+            part = sparse_alpha_gradients(units[key], layers[key].weight, f, digits=digits,
+                                          workers=workers, on_block=note)
+        if part is None and isinstance(f, LinearFactors):
             weight = layers[key].weight.to(bank.device)
             part = linear_alpha_gradients(bank.packed(key), indexed, weight, f.to(bank.device),
                                           digits=digits, budget_bytes=budget_bytes,
                                           on_block=note, resident=(resident or {}).get(key),
                                           workers=workers, row_sums=(row_sums or {}).get(key))
-        else:
+        elif part is None:
             note(f.numel() * f.element_size())
             part = bank.alpha_gradient_batched(key, rows, f.to(bank.device))
         total = part if total is None else total + part
@@ -177,6 +184,21 @@ def _resident_masks(net: SupermaskNet, bank: MaskBank, rows: torch.Tensor,
     indexed = bank._indexed(rows)
     return {key: signed_masks(bank.packed(key), indexed, layer.weight.to(bank.device))
             for key, layer in layers.items()}
+
+
+def _unit_masks(resident: dict[str, torch.Tensor], layers: dict[str, MaskedLayer],
+                budget: int) -> dict[str, UnitMasks]:
+    """Resident layers' `unit_masks` too, in network order while they fit in `budget` bytes
+    beside the resident masks (a second copy of each)."""
+    left = budget - sum(t.numel() for t in resident.values())
+    out = {}
+    for key, a in resident.items():
+        need = a.numel() + 4 * a.shape[0] * layers[key].weight.shape[0]
+        if need > left:
+            break
+        out[key] = unit_masks(a, layers[key].weight)
+        left -= need
+    return out
 
 
 class _ResidentTask(_TaskBinding):
@@ -208,7 +230,9 @@ class InferenceEngine:
     `resident_bytes`: when the candidates' masks of every linear layer, unpacked to int8 (8x
     their packed bytes), fit in it, they are unpacked once here and each pass reads them instead
     of unpacking the bits again (for processes answering many passes: served models, evaluation
-    workers); `resident_nbytes` says what they hold. 0 keeps only the packed bank.
+    workers); `resident_nbytes` says what they hold. 0 keeps only the packed bank. With room
+    left for a second copy (`supsup.sparse_input.unit_masks`, layer by layer in network order),
+    passes of many queries multiply only the inputs each query lights (`units`).
 
     `workers` > 1: the int8 product's task blocks are taken by that many threads, each running
     its kernels alone (for `torch.set_num_threads(1)` callers). Kernels of several threads wait
@@ -246,11 +270,13 @@ class InferenceEngine:
         layers = net.masked_layers()
         self.row_sums = {key: signed_row_sums(r, layers[key].weight)
                          for key, r in self.resident.items()}
+        self.units = _unit_masks(self.resident, layers, resident_bytes)
         self._position = {int(t): j for j, t in enumerate(self.candidates.tolist())}
 
     @property
     def resident_nbytes(self) -> int:
-        return sum(t.numel() for t in self.resident.values())
+        return (sum(t.numel() for t in self.resident.values())
+                + sum(u.nbytes for u in self.units.values()))
 
     @property
     def num_tasks(self) -> int:
@@ -272,7 +298,8 @@ class InferenceEngine:
             out.append(factor_gradients(self.bank, self.rows, self.net, factors,
                                         digits=self.digits, budget_bytes=self.budget_bytes,
                                         peak=peak, resident=self.resident,
-                                        workers=self.workers, row_sums=self.row_sums).cpu())
+                                        workers=self.workers, row_sums=self.row_sums,
+                                        units=self.units).cpu())
             factor_bytes = sum(f.x.numel() * 4 + f.g.numel() * 4 if isinstance(f, LinearFactors)
                                else f.numel() * f.element_size() for f in factors.values())
             self.peak_block_bytes = max(self.peak_block_bytes, peak[0] + factor_bytes)

@@ -288,3 +288,62 @@ def test_the_engine_on_cuda_answers_like_the_cpu(name: str) -> None:
     assert bank.device.type == "cpu"  # the moved bank is a new one
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-7)
     assert torch.equal(gpu.argmin(1), cpu.argmin(1))
+
+
+def _spy_sparse(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the layers `supsup.sparse_input` answered (it may decline a pass)."""
+    import supsup.engine as engine_module
+
+    answered: list[str] = []
+    real = engine_module.sparse_alpha_gradients
+
+    def spy(units, weight, factors, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(units, weight, factors, **kwargs)
+        if out is not None:
+            answered.append(tuple(weight.shape))
+        return out
+
+    monkeypatch.setattr(engine_module, "sparse_alpha_gradients", spy)
+    return answered
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unit_masks_skip_inputs_at_rest_within_the_tolerance(monkeypatch: pytest.MonkeyPatch,
+                                                             workers: int) -> None:
+    """With room for `unit_masks` beside the resident masks, passes of many mostly-dark images
+    multiply only their lit pixels (and the hidden layers only their ReLUs' non-zeros): every
+    gradient within the stated tolerance of float64, every answer the one-image path's."""
+    answered = _spy_sparse(monkeypatch)
+    net = _fc(hidden=(64, 32))
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    bank = _random_bank(net, ids)
+    masks = _random_masks(net, ids)
+    x = _inputs("pixels", 160, seed=11)
+    engine = InferenceEngine(net, bank, block_queries=160, resident_bytes=1 << 24,
+                             workers=workers)
+    assert set(engine.units) == set(net.layer_shapes())
+    assert engine.resident_nbytes > 2 * len(ids) * net.num_weights  # both layouts
+    got = engine.gradients(x).double()
+    assert (64, 196) in answered  # the input layer took its lit pixels
+    ref = _reference(net, bank, masks, ids, x, "entropy")
+    scale = ref.abs().amax(1, keepdim=True)
+    assert bool(((got - ref).abs() <= REL[2] * scale).all()), float(((got - ref).abs()
+                                                                      / scale).max())
+    one_image = torch.stack([alpha_gradients(net, bank, x[b:b + 1], bank.rows(None))
+                             for b in range(x.shape[0])])
+    assert torch.equal(got.argmin(1), one_image.argmin(1))
+    no_room = InferenceEngine(net, bank, resident_bytes=len(ids) * net.num_weights)
+    assert no_room.resident and not no_room.units  # resident masks come first
+
+
+def test_a_trained_bank_answers_alike_with_unit_masks(trained: tuple,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    answered = _spy_sparse(monkeypatch)
+    net, bank, tasks = trained
+    x, truth = _mixed(tasks, per_task=48)
+    engine = InferenceEngine(net, bank, block_queries=256, resident_bytes=1 << 24)
+    result = engine.infer(x)
+    assert answered  # the hidden ReLUs' inputs rest at zero often enough
+    assert result.task_ids.tolist() == truth.tolist()
+    plain = InferenceEngine(net, bank, block_queries=256).infer(x)
+    assert torch.equal(result.task_ids, plain.task_ids)
