@@ -336,14 +336,26 @@ def test_unit_masks_skip_inputs_at_rest_within_the_tolerance(monkeypatch: pytest
     assert no_room.resident and not no_room.units  # resident masks come first
 
 
-def test_a_trained_bank_answers_alike_with_unit_masks(trained: tuple,
+@pytest.mark.parametrize("objective", ["entropy", "g"])
+@pytest.mark.parametrize("method", ["one_shot", "binary"])
+def test_a_trained_bank_answers_alike_with_unit_masks(trained: tuple, method: str,
+                                                      objective: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every query's task is found with unit masks as without them (binary: its first round),
+    and the buffers of two blocks of queries are bounded by one block's."""
     answered = _spy_sparse(monkeypatch)
     net, bank, tasks = trained
     x, truth = _mixed(tasks, per_task=48)
-    engine = InferenceEngine(net, bank, block_queries=256, resident_bytes=1 << 24)
-    result = engine.infer(x)
+    block = 96
+    engine = InferenceEngine(net, bank, objective=objective, block_queries=block,
+                             budget_bytes=1 << 14, resident_bytes=1 << 24)
+    result = engine.infer(x, method=method)
     assert answered  # the hidden ReLUs' inputs rest at zero often enough
     assert result.task_ids.tolist() == truth.tolist()
-    plain = InferenceEngine(net, bank, block_queries=256).infer(x)
-    assert torch.equal(result.task_ids, plain.task_ids)
+    plain = InferenceEngine(net, bank, objective=objective, block_queries=block)
+    assert torch.equal(result.task_ids, plain.infer(x, method=method).task_ids)
+    k, widths = NUM_TASKS, sum(s[0] + s[1] for s in net.layer_shapes().values())
+    widest = max(max(s) for s in net.layer_shapes().values())
+    per_block = (block * k * 4 + block * 2 * (k * 4 + widest) + 12 * block * widest
+                 + block * widths * 4)  # accumulator, sums, gathered digits, lit pairs, factors
+    assert engine.peak_block_bytes <= max(per_block, (1 << 14) + block * widths * 4)
