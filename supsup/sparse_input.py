@@ -15,11 +15,12 @@ queries, k) sums are weighted by d and added to those queries' rows.
 
 Cost: `digits` x density of a dense product over (out, in), against the dense kernel's one
 digit on a pixel grid or `digits` otherwise. Measured on a 2-core AVX-512 EPYC (k = 2,500,
-LeNet-500, MNIST digits in random permutations, 256 queries per pass): the whole engine 2.7
-ms/query against 3.5 with the input layer alone this way. `sparse_alpha_gradients` declines
-passes with fewer than `MIN_LIT_PER_UNIT` lit queries per unit on average (small products run
-slowly) or whose multiply-adds would exceed `DENSE_SHARE` of the dense kernel's, and the caller
-takes the dense kernel.
+LeNet-500, MNIST digits in random permutations, 256 queries per pass): the whole engine 2.0-2.1
+ms/query with every layer this way, 2.7 with the input layer alone, 3.4 with none; at 64
+queries per pass the input layer declines (12 lit queries per pixel) and the hidden layers gain
+5%. `sparse_alpha_gradients` declines passes with fewer than `MIN_LIT_PER_UNIT` lit queries per
+unit on average (small products run slowly) or whose multiply-adds would exceed `DENSE_SHARE`
+of the dense kernel's, and the caller takes the dense kernel.
 
 Rounding: g in `digits` fixed-point digits is the only rounding before float32 sums; the
 result is within `sparse_rounding_bound` (|x - lo| where the dense kernel's bound has |x|).
