@@ -92,8 +92,9 @@ def sparse_alpha_gradients(units: UnitMasks, weight: torch.Tensor, factors: Line
     share = DENSE_SHARE * in_f * batch  # of one digit of the dense kernel's multiply-adds
     if pairs < MIN_LIT_PER_UNIT * in_f or pairs > share:
         return None
-    if digits * pairs > share and integer_grid(x, digits) is not None:
-        return None  # the dense kernel takes pixels in one digit, not `digits`
+    # the dense kernel writes x, its larger side when in >= out, in one digit if x is on a grid
+    if in_f >= out_f and digits * pairs > share and integer_grid(x, digits) is not None:
+        return None
     g = factors.g.reshape(batch, out_f)
     ints, step = fixed_point_digits(g, digits)  # (out, digits * B): column d * B + b
     # (B, digits * out): each query's digits, gathered for the queries that light a unit

@@ -85,3 +85,7 @@ def test_passes_that_suit_the_dense_kernel_are_declined() -> None:
     # pixels half lit: the dense kernel takes them in one exact digit, cheaper than two
     assert run(_at_rest("pixels", batch, in_f, 0.5, seed=2)) is None
     assert run(_at_rest("relu", batch, in_f, 0.5, seed=2)) is not None  # two digits either way
+    # with more outputs than inputs the dense kernel writes g in two digits, pixels or not
+    _, _, wide, wide_factors, wide_units = _units(in_f, out_f, batch, seed=9)
+    half_lit = LinearFactors(_at_rest("pixels", batch, out_f, 0.5, seed=2), wide_factors.g)
+    assert sparse_alpha_gradients(wide_units, wide, half_lit) is not None
